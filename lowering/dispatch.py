@@ -1,0 +1,39 @@
+"""Which implementation of a qoq op runs: the Triton kernel or the torch reference.
+
+The choice is made once per op call from the `kernels` option and the tensor's device, so
+the same graph runs on a GPU, on a CPU under the Triton interpreter, and on a plain CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(t: torch.Tensor, kernels: str) -> bool:
+    """Resolve `kernels` ("auto", "triton" or "reference") for a tensor on its device."""
+    if kernels == "reference":
+        return False
+    runnable = t.is_cuda or (t.device.type == "cpu" and interpreter_enabled())
+    if kernels == "triton":
+        if not runnable:
+            raise RuntimeError(
+                f"kernels='triton' was asked for, but a tensor is on {t.device} and "
+                "TRITON_INTERPRET is not set: run on a CUDA GPU, set TRITON_INTERPRET=1 before "
+                "importing triton, or use kernels='auto' / 'reference'."
+            )
+        return True
+    if kernels == "auto":
+        return runnable
+    raise ValueError(f"kernels={kernels!r}: expected one of {KERNEL_CHOICES}")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
