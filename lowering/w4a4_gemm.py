@@ -1,0 +1,292 @@
+"""`qoq::w4a4_gemm`: SVDQuant's W4A4 GEMM, int4 weights and activations in groups of 64 along K,
+with the 16-bit low-rank branch `(X̂·L_down)·L_up` and the bias added in the same epilogue.
+
+Also the offline weight layout (`quantize_weight`): the same symmetric int4 g64 format as the
+activations of `lowering.w4a4_activation_quant`, packed [N, Kp/2] uint8, scales [N, Kp/64].
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowering.dispatch import cdiv, interpreter_enabled, use_triton
+from lowering.w4a4_activation_quant import GROUP, pack_int4, quantize_groups_int4, unpack_int4
+
+
+# --------------------------------------------------------------------------------------------
+# Offline weight layout.
+# --------------------------------------------------------------------------------------------
+
+def quantize_weight(w: torch.Tensor, scale_dtype: torch.dtype = torch.float16
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (packed uint8 [N, Kp/2], scales [N, Kp/64] in scale_dtype).
+
+    Codes are rounded against the scale as stored (in scale_dtype), so dequantization with the
+    stored scale is what the rounding minimized.
+    """
+    _, scale = quantize_groups_int4(w)
+    scale = scale.to(scale_dtype)
+    s = scale.float()
+    kp = s.shape[1] * GROUP
+    wf = torch.nn.functional.pad(w.float(), (0, kp - w.shape[1])).view(w.shape[0], -1, GROUP)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.floor(wf / safe[..., None] + 0.5).clamp_(-8, 7).to(torch.int8)
+    return pack_int4(q.view(w.shape[0], kp)), scale
+
+
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Packed codes [R, Kp/2] + scales [R, Kp/64] -> fp32 [R, k] (k defaults to Kp)."""
+    q = unpack_int4(packed).float().view(packed.shape[0], -1, GROUP)
+    out = (q * scale.float()[..., None]).view(packed.shape[0], -1)
+    return out if k is None else out[:, :k]
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: the specification of the numbers.
+# --------------------------------------------------------------------------------------------
+
+def reference(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              lr_act: torch.Tensor | None, l_up: torch.Tensor | None, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """y[m,n] = Σ_g sa[m,g]·sw[n,g]·Σ_{k∈g} qa[m,k]·qw[n,k]  + (X̂·L_down)[m]·L_up[:,n] + bias[n]."""
+    m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
+    qa = unpack_int4(a).view(m, g, GROUP).to(torch.float64)
+    qw = unpack_int4(w).view(n, g, GROUP).to(torch.float64)
+    sa, sw = a_scale.float(), w_scale.float()
+    y = torch.zeros((m, n), dtype=torch.float32, device=a.device)
+    for j in range(g):   # one group at a time keeps memory at [M, N]; float64 sums of ints are exact
+        part = (qa[:, j] @ qw[:, j].T).float()
+        y += part * sa[:, j, None] * sw[None, :, j]
+    if lr_act is not None and l_up is not None:
+        y += lr_act.float() @ l_up.to(lr_act.dtype).float()
+    if bias is not None:
+        y += bias.float()
+    return y.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel.
+#
+# Both operands arrive as bytes of two nibbles. Unpacking puts each nibble into the *high* half
+# of an int8 lane, i.e. the int8 value is 16·q: the high nibble needs one AND (b & 0xF0), the low
+# one a shift and an AND, with no sign-extension step. The int32 dot then holds 256·Σ qa·qw,
+# exact (|256·64·64| < 2^24, so the fp32 conversion is exact too), and the 1/256 is one multiply
+# in the epilogue. On the GPU the same three instructions run on four bytes at a time in inline
+# PTX (UNPACK_ASM); the pure-Triton path gives the same bits and is what the interpreter runs.
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """uint8 [ROWS, 32] -> int8 [ROWS, 64] holding 16·q, k-order restored (low nibble = even k)."""
+    if UNPACK_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            shl.b32 $0, $2, 4;
+            and.b32 $0, $0, 0xF0F0F0F0;
+            and.b32 $1, $2, 0xF0F0F0F0;
+            }""",
+            constraints="=r,=r,r", args=[b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        lo = (b << 4).to(tl.uint8).to(tl.int8, bitcast=True)
+        hi = (b & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (ROWS, 64))
+
+
+@triton.jit
+def _w4a4_gemm_kernel(
+    # packed operands and their per-group scales
+    A, SA, W, SW,
+    # epilogue: low-rank branch (LR = X̂·L_down [M, R], LUP = L_up [R, N]) and bias [N]
+    LR, LUP, BIAS,
+    OUT,
+    # sizes
+    M, N, G, R,
+    # strides (elements)
+    stride_am, stride_sam, stride_wn, stride_swn, stride_lrm, stride_lur, stride_om,
+    HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
+    UNPACK_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # Out-of-range rows/columns read row 0 instead of being masked: loads stay unconditional
+    # (vectorized) and the garbage never reaches memory because the store is masked.
+    safe_m = tl.where(mask_m, offs_m, 0)
+    safe_n = tl.where(mask_n, offs_n, 0)
+    offs_b = tl.arange(0, 32)
+    a_ptr = A + safe_m[:, None] * stride_am + offs_b[None, :]
+    w_ptr = W + safe_n[:, None] * stride_wn + offs_b[None, :]
+    sa_ptr = SA + safe_m * stride_sam
+    sw_ptr = SW + safe_n * stride_swn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(0, G):
+        a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+        w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM)
+        part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
+        sa = tl.load(sa_ptr)
+        sw = tl.load(sw_ptr).to(tl.float32)
+        acc += part.to(tl.float32) * sa[:, None] * sw[None, :]
+        a_ptr += 32
+        w_ptr += 32
+        sa_ptr += 1
+        sw_ptr += 1
+    acc = acc * (1.0 / 256.0)
+
+    if HAS_LR:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lr = tl.load(LR + safe_m[:, None] * stride_lrm + offs_r[None, :],
+                     mask=mask_r[None, :], other=0.0)
+        lu = tl.load(LUP + offs_r[:, None] * stride_lur + safe_n[None, :],
+                     mask=mask_r[:, None], other=0.0)
+        if LR_IEEE:
+            acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lr, lu, acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + safe_n).to(tl.float32)[None, :]
+    tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Tile configurations tried on the GPU (kept as data; the interpreter uses the small one).
+GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [
+        (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
+        (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4),
+    ]
+]
+_INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2}
+
+_w4a4_gemm_tuned = triton.autotune(
+    configs=GPU_CONFIGS, key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM"],
+)(_w4a4_gemm_kernel)
+
+
+def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                lr_act: torch.Tensor | None, l_up: torch.Tensor | None,
+                bias: torch.Tensor | None, out_dtype: torch.dtype,
+                unpack_asm: bool | None = None, config: dict | None = None) -> torch.Tensor:
+    """Launch the kernel on 2-D operands; the same result as `reference` within fp32 rounding.
+
+    unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. config: a fixed tile
+    configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M"} + num_warps/num_stages) instead of autotuning.
+    """
+    m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    a, w = a.contiguous(), w.contiguous()
+    a_scale, w_scale = a_scale.contiguous(), w_scale.contiguous()
+    has_lr = lr_act is not None and l_up is not None and lr_act.shape[-1] > 0
+    r = lr_act.shape[1] if has_lr else 0
+    if has_lr:
+        lr_act = lr_act.contiguous()
+        l_up = l_up.to(lr_act.dtype).contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if unpack_asm is None:
+        unpack_asm = a.is_cuda and not interpreter_enabled()
+    args = (
+        a, a_scale, w, w_scale,
+        lr_act if has_lr else a_scale, l_up if has_lr else a_scale,
+        bias if bias is not None else a_scale, out,
+        m, n, g, r,
+        a.stride(0), a_scale.stride(0), w.stride(0), w_scale.stride(0),
+        lr_act.stride(0) if has_lr else 0, l_up.stride(0) if has_lr else 0, out.stride(0),
+    )
+    flags = dict(HAS_LR=has_lr, HAS_BIAS=bias is not None,
+                 # fp32 must not become tf32; the interpreter's 16-bit tl.dot is wrong (triton 3.9)
+                 LR_IEEE=has_lr and (lr_act.dtype == torch.float32 or interpreter_enabled()),
+                 UNPACK_ASM=unpack_asm,
+                 BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
+    if config is None and interpreter_enabled():
+        config = dict(_INTERP_CONFIG)
+    if config is not None:
+        cfg = dict(config)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        grid = (cdiv(m, bm) * cdiv(n, bn),)
+        _w4a4_gemm_kernel[grid](*args, **flags, **cfg)
+    else:
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _w4a4_gemm_tuned[grid](*args, **flags)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The op.
+# --------------------------------------------------------------------------------------------
+
+def _check(a, a_scale, w, w_scale, lr_act, l_up, bias) -> None:
+    kb = a.shape[-1]
+    g = a_scale.shape[-1]
+    if a.dtype != torch.uint8 or w.dtype != torch.uint8:
+        raise TypeError(f"w4a4_gemm: packed operands must be uint8, got a={a.dtype}, w={w.dtype}")
+    if w.dim() != 2 or w.shape[1] != kb or kb != g * GROUP // 2:
+        raise ValueError(f"w4a4_gemm: packed widths disagree: a [..., {kb}], w "
+                         f"{tuple(w.shape)}, a_scale [..., {g}] (expected Kp/2 = 32·groups)")
+    if a_scale.shape[:-1] != a.shape[:-1] or w_scale.shape != (w.shape[0], g):
+        raise ValueError(f"w4a4_gemm: scale shapes a_scale {tuple(a_scale.shape)}, w_scale "
+                         f"{tuple(w_scale.shape)} do not match a {tuple(a.shape)}, w {tuple(w.shape)}")
+    if (lr_act is None) != (l_up is None) and not (lr_act is not None and lr_act.shape[-1] == 0):
+        raise ValueError("w4a4_gemm: lr_act and l_up go together (both or neither)")
+    if lr_act is not None and l_up is not None:
+        if lr_act.shape[:-1] != a.shape[:-1] or l_up.shape != (lr_act.shape[-1], w.shape[0]):
+            raise ValueError(f"w4a4_gemm: low-rank shapes lr_act {tuple(lr_act.shape)}, l_up "
+                             f"{tuple(l_up.shape)} do not fit a {tuple(a.shape)}, "
+                             f"w {tuple(w.shape)} (expected [..., r] and [r, N])")
+    if bias is not None and bias.shape != (w.shape[0],):
+        raise ValueError(f"w4a4_gemm: bias has shape {tuple(bias.shape)}, expected ({w.shape[0]},)")
+
+
+@torch.library.custom_op("qoq::w4a4_gemm", mutates_args=())
+def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              lr_act: torch.Tensor | None, l_up: torch.Tensor | None, bias: torch.Tensor | None,
+              out_dtype: torch.dtype, kernels: str = "auto") -> torch.Tensor:
+    """y = dequant(a)·dequant(w)ᵀ + lr_act·l_up + bias, [..., N] in out_dtype.
+
+    a [..., Kp/2] uint8 and a_scale [..., Kp/64] fp32 come from `qoq::w4a4_quantize_act`;
+    w [N, Kp/2] uint8 and w_scale [N, Kp/64] from `quantize_weight`; lr_act [..., r] = X̂·L_down
+    (the third output of the quantize op) and l_up [r, N] are the low-rank branch, bias [N].
+    """
+    _check(a, a_scale, w, w_scale, lr_act, l_up, bias)
+    lead = a.shape[:-1]
+    a2 = a.reshape(-1, a.shape[-1])
+    sa2 = a_scale.reshape(-1, a_scale.shape[-1])
+    lr2 = lr_act.reshape(-1, lr_act.shape[-1]) if lr_act is not None else None
+    if lr2 is not None and lr2.shape[1] == 0:
+        lr2, l_up = None, None
+    fn = triton_gemm if use_triton(a, kernels) else reference
+    y = fn(a2, sa2, w, w_scale, lr2, l_up, bias, out_dtype)
+    return y.view(*lead, w.shape[0])
+
+
+@w4a4_gemm.register_fake
+def _(a, a_scale, w, w_scale, lr_act, l_up, bias, out_dtype, kernels="auto"):
+    _check(a, a_scale, w, w_scale, lr_act, l_up, bias)
+    return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=out_dtype)
+
+
+def w4a4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                l_down: torch.Tensor | None = None, l_up: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, smooth_inv: torch.Tensor | None = None,
+                kernels: str = "auto") -> torch.Tensor:
+    """The two ops as the lowering pass emits them: x [..., K] -> [..., N] in x's dtype."""
+    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, smooth_inv, l_down, kernels)
+    return torch.ops.qoq.w4a4_gemm(a, sa, w, w_scale, lr if l_down is not None else None,
+                                   l_up if l_down is not None else None, bias, x.dtype, kernels)

@@ -1,0 +1,117 @@
+"""qoq::w4a4_gemm: weight layout, Triton == reference, the fused low-rank + bias epilogue."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowering.w4a4_activation_quant import GROUP, pack_int4, reference as quant_reference
+from lowering.w4a4_gemm import (
+    dequantize, quantize_weight, reference, triton_gemm, w4a4_gemm, w4a4_linear,
+)
+
+
+@given(n=st.integers(1, 20), k=st.integers(1, 200), seed=st.integers(0, 2**31 - 1),
+       scale_dtype=st.sampled_from([torch.float16, torch.float32]))
+def test_weight_quantization_error_within_half_a_step(n, k, seed, scale_dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    p, s = quantize_weight(w, scale_dtype)
+    kp = s.shape[1] * GROUP
+    assert p.shape == (n, kp // 2) and p.dtype == torch.uint8 and s.dtype == scale_dtype
+    deq = dequantize(p, s, k)
+    # Rounded against the stored scale; fp16 scale rounding may push absmax past 7 steps, where
+    # the clamp at 7 can add at most the scale's relative rounding (2^-11) of absmax.
+    step = s.float().repeat_interleave(GROUP, dim=1)[:, :k]
+    slack = 0 if scale_dtype == torch.float32 else 8 * step * 2**-10
+    assert bool(((deq - w).abs() <= 0.5 * step * (1 + 1e-5) + slack + 1e-30).all())
+
+
+@given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 200),
+       r=st.sampled_from([0, 7, 16, 32]), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_triton_matches_reference(m, n, k, r, bias, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    w = torch.randn(n, k, generator=g)
+    ld = (torch.randn(k, r, generator=g) * 0.2).to(dtype) if r else None
+    lu = (torch.randn(r, n, generator=g) * 0.2).to(dtype) if r else None
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    a, sa, lr = quant_reference(x, None, ld)
+    wp, ws = quantize_weight(w)
+    lr = lr if r else None
+    yt = triton_gemm(a, sa, wp, ws, lr, lu, b, dtype)
+    yr = reference(a, sa, wp, ws, lr, lu, b, dtype)
+    assert yt.shape == (m, n) and yt.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(yt.float(), yr.float(), rtol=tol, atol=tol * float(yr.abs().max()))
+
+
+@given(m=st.integers(1, 33), n=st.integers(1, 40), groups=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_integer_sums_are_bit_exact(m, n, groups, seed):
+    """Unit scales make every float step exact: the kernel's int8 MMA on 16·q must give Σ qa·qw."""
+    g = torch.Generator().manual_seed(seed)
+    qa = torch.randint(-8, 8, (m, groups * GROUP), generator=g, dtype=torch.int8)
+    qw = torch.randint(-8, 8, (n, groups * GROUP), generator=g, dtype=torch.int8)
+    sa = torch.ones(m, groups)
+    sw = torch.ones(n, groups, dtype=torch.float16)
+    yt = triton_gemm(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None, torch.float32)
+    exact = qa.long() @ qw.long().T
+    assert torch.equal(yt, exact.float())
+    assert torch.equal(reference(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None,
+                                 torch.float32), exact.float())
+
+
+def test_gemm_approximates_the_float_linear_and_the_branch_is_exact_in_float():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 256, generator=g)
+    w = torch.randn(48, 256, generator=g)
+    ld = torch.randn(256, 16, generator=g) * 0.1
+    lu = torch.randn(16, 48, generator=g) * 0.1
+    b = torch.randn(48, generator=g)
+    wp, ws = quantize_weight(w, torch.float32)
+    y0 = w4a4_linear(x, wp, ws, kernels="triton")
+    y1 = w4a4_linear(x, wp, ws, ld, lu, b, kernels="triton")
+    torch.testing.assert_close(y1 - y0, x @ ld @ lu + b, rtol=1e-4, atol=1e-4)
+    rel = (y0 - x @ w.T).norm() / (x @ w.T).norm()
+    assert 0.02 < float(rel) < 0.25     # int4 x int4 on Gaussian data: about 0.15
+
+
+def test_op_leading_dims_fake_and_opcheck():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 80, generator=g, dtype=torch.float32).bfloat16()
+    ld = (torch.randn(80, 16, generator=g) * 0.1).bfloat16()
+    lu = (torch.randn(16, 24, generator=g) * 0.1).bfloat16()
+    wp, ws = quantize_weight(torch.randn(24, 80, generator=g))
+    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, None, ld, "reference")
+    args = (a, sa, wp, ws, lr, lu, None, torch.bfloat16)
+    y = torch.ops.qoq.w4a4_gemm(*args, "triton")
+    assert y.shape == (2, 5, 24) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, torch.ops.qoq.w4a4_gemm(*args, "reference"), rtol=1e-2,
+                               atol=1e-2)
+    torch.library.opcheck(torch.ops.qoq.w4a4_gemm.default, (*args, "reference"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_fullgraph_as_an_opaque_op():
+    g = torch.Generator().manual_seed(3)
+    wp, ws = quantize_weight(torch.randn(32, 64, generator=g))
+    ld = torch.randn(64, 16, generator=g)
+    lu = torch.randn(16, 32, generator=g)
+
+    def f(x):
+        return torch.relu(w4a4_linear(x, wp, ws, ld, lu, None, kernels="reference"))
+
+    x = torch.randn(4, 64, generator=g)
+    out = torch.compile(f, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, f(x))
+
+
+def test_mismatched_shapes_are_reported():
+    wp, ws = quantize_weight(torch.randn(8, 64))
+    a, sa, lr = quant_reference(torch.randn(4, 128), None, None)
+    with pytest.raises(ValueError, match="packed widths"):
+        w4a4_gemm(a, sa, wp, ws, None, None, None, torch.float32)
