@@ -1,0 +1,195 @@
+"""W4A4 (SVDQuant) GEMM at Flux shapes: the rank-32 low-rank branch fused in the epilogue vs the
+same GEMM without it vs cuBLAS bf16, with the activation quantization and a roofline floor.
+
+    pip install --no-deps -e . && python benchmarks/bench_w4a4.py results/w4a4.json [--quick]
+
+Prints a table and writes the rows as JSON. Target (issue 4): the fused branch adds at most 15%.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from lowering.w4a4_activation_quant import triton_quantize_act
+from lowering.w4a4_gemm import quantize_weight, reference, triton_gemm
+
+# Flux.1 transformer linears: (name, N, K). Double-stream blocks: q/k/v/out 3072x3072, MLP
+# 3072 -> 12288 -> 3072; single-stream blocks: proj_out reads attention ++ MLP (15360).
+FLUX_LINEARS = [
+    ("attn_qkv_out", 3072, 3072),
+    ("mlp_up", 12288, 3072),
+    ("mlp_down", 3072, 12288),
+    ("single_proj_out", 3072, 15360),
+]
+TOKENS = [4608, 4096]   # 4096 image + 512 text tokens, and image only
+RANK = 32
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def measure_ceilings() -> dict:
+    """Bandwidth (device-to-device copy) and int8 MMA peak (torch._int_mm), in this run."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    bw = 2 * src.numel() / (ms * 1e-3)
+    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").T
+    ms = bench(lambda: torch._int_mm(a, b))
+    peak = 2 * 8192**3 / (ms * 1e-3)
+    del src, dst, a, b
+    return {"bandwidth_Bps": bw, "int8_peak_ops": peak}
+
+
+def check(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Numbers before speed: both unpack paths give the same bits, and match the reference."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
+    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
+    ld = (torch.randn(k, RANK, device="cuda", generator=g) * 0.02).to(dtype)
+    lu = (torch.randn(RANK, n, device="cuda", generator=g) * 0.02).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    wp, ws = quantize_weight(w)
+    a, sa, lr = triton_quantize_act(x, None, ld)
+    y_asm = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=True)
+    y_tri = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=False)
+    y_ref = reference(a, sa, wp, ws, lr, lu, bias, dtype)
+    y_fp = x.float() @ w.T + (x.float() @ ld.float()) @ lu.float() + bias.float()
+    rel = lambda u, v: float((u.float() - v.float()).norm() / v.float().norm())  # noqa: E731
+    out = {"asm_eq_triton": bool(torch.equal(y_asm, y_tri)),
+           "rel_err_vs_reference": rel(y_asm, y_ref), "rel_err_vs_fp": rel(y_asm, y_fp)}
+    if not out["asm_eq_triton"] or out["rel_err_vs_reference"] > 1e-2:
+        raise SystemExit(f"W4A4 kernel disagrees at {m}x{n}x{k}: {out}")
+    return out
+
+
+def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
+              ) -> tuple[list[dict], dict]:
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    w16 = w.to(dtype)
+    ld = (torch.randn(k, RANK, device="cuda") * 0.02).to(dtype)
+    lu = (torch.randn(RANK, n, device="cuda") * 0.02).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    wp, ws = quantize_weight(w)
+    a, sa, lr = triton_quantize_act(x, None, ld)
+    a_nolr, sa_nolr, _ = triton_quantize_act(x, None, None)
+
+    def naive_branch():
+        q, s, _ = triton_quantize_act(x, None, None)
+        y = triton_gemm(q, s, wp, ws, None, None, bias, dtype)
+        return y + (x @ ld) @ lu
+
+    x8 = torch.randint(-128, 127, (m, k), dtype=torch.int8, device="cuda")
+    w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device="cuda")
+    times = {
+        "cublas_bf16": bench(lambda: torch.mm(x, w16.T)),
+        "int_mm_int8": bench(lambda: torch._int_mm(x8, w8.T)),
+        "w4a4_gemm": bench(lambda: triton_gemm(a_nolr, sa_nolr, wp, ws, None, None, bias, dtype)),
+        "w4a4_gemm_lr_fused": bench(lambda: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype)),
+        "w4a4_gemm_pure_triton_unpack": bench(
+            lambda: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=False)),
+        "quant_act": bench(lambda: triton_quantize_act(x, None, None)),
+        "quant_act_lr_fused": bench(lambda: triton_quantize_act(x, None, ld)),
+    }
+    times["linear_no_branch"] = bench(
+        lambda: triton_gemm(*triton_quantize_act(x, None, None)[:2], wp, ws, None, None, bias, dtype))
+
+    def fused_linear():
+        q, s, r = triton_quantize_act(x, None, ld)
+        return triton_gemm(q, s, wp, ws, r, lu, bias, dtype)
+
+    times["linear_lr_fused"] = bench(fused_linear)
+    times["linear_lr_unfused"] = bench(naive_branch)
+
+    g = k // 64
+    ops = 2.0 * m * n * k
+    gemm_bytes = m * k // 2 + n * k // 2 + 4 * m * g + 2 * n * g + 2 * m * n
+    lr_bytes = 2 * (m * RANK + RANK * n)
+    quant_bytes = 2 * m * k + m * k // 2 + 4 * m * g
+    floors = {
+        "w4a4_gemm": max(gemm_bytes / ceil["bandwidth_Bps"], ops / ceil["int8_peak_ops"]) * 1e3,
+        "w4a4_gemm_lr_fused": max((gemm_bytes + lr_bytes) / ceil["bandwidth_Bps"],
+                                  ops / ceil["int8_peak_ops"]) * 1e3,
+        "quant_act": quant_bytes / ceil["bandwidth_Bps"] * 1e3,
+        "quant_act_lr_fused": (quant_bytes + 2 * m * RANK) / ceil["bandwidth_Bps"] * 1e3,
+    }
+    floors["linear_no_branch"] = floors["w4a4_gemm"] + floors["quant_act"]
+    floors["linear_lr_fused"] = floors["w4a4_gemm_lr_fused"] + floors["quant_act_lr_fused"]
+    rows = []
+    for name, ms in times.items():
+        rows.append({
+            "name": name, "M": m, "N": n, "K": k, "dtype": str(dtype).removeprefix("torch."),
+            "ms": ms, "TOPS": ops / (ms * 1e-3) / 1e12 if not name.startswith("quant") else None,
+            "vs_cublas_bf16": times["cublas_bf16"] / ms,
+            "floor_ms": floors.get(name),
+        })
+    summary = {
+        "M": m, "N": n, "K": k,
+        "gemm_branch_overhead": times["w4a4_gemm_lr_fused"] / times["w4a4_gemm"] - 1,
+        "linear_branch_overhead_fused": times["linear_lr_fused"] / times["linear_no_branch"] - 1,
+        "linear_branch_overhead_unfused": times["linear_lr_unfused"] / times["linear_no_branch"] - 1,
+        "asm_unpack_speedup": times["w4a4_gemm_pure_triton_unpack"] / times["w4a4_gemm_lr_fused"],
+    }
+    return rows, summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("json_out", help="where to write the results (JSON)")
+    p.add_argument("--quick", action="store_true", help="one token count, two shapes")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_w4a4 needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    tokens = TOKENS[:1] if args.quick else TOKENS
+    linears = FLUX_LINEARS[:2] if args.quick else FLUX_LINEARS
+    ceil = measure_ceilings()
+    checks = {f"{n}x{k}": check(256, n, k, dtype) for _, n, k in linears}
+    rows, summaries = [], []
+    for m in tokens:
+        for lname, n, k in linears:
+            r, s = run_shape(m, n, k, dtype, ceil)
+            for row in r:
+                row["linear"] = lname
+            s["linear"] = lname
+            rows += r
+            summaries.append(s)
+            torch.cuda.empty_cache()
+
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+          f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak "
+          f"{ceil['int8_peak_ops'] / 1e12:.0f} TOP/s  rank {RANK}")
+    print(f"{'linear':16} {'M':>5} {'N':>6} {'K':>6} {'kernel':30} {'ms':>8} {'TOP/s':>7} "
+          f"{'x bf16':>7} {'floor ms':>8}")
+    for r in rows:
+        tops = f"{r['TOPS']:.0f}" if r["TOPS"] is not None else "-"
+        floor = f"{r['floor_ms']:.4f}" if r["floor_ms"] is not None else "-"
+        print(f"{r['linear']:16} {r['M']:>5} {r['N']:>6} {r['K']:>6} {r['name']:30} "
+              f"{r['ms']:8.4f} {tops:>7} {r['vs_cublas_bf16']:7.2f} {floor:>8}")
+    print("\nbranch overhead (target <= 15%): GEMM fused | whole linear fused | whole linear unfused"
+          " | asm unpack speedup")
+    for s in summaries:
+        print(f"{s['linear']:16} {s['M']:>5}  {100 * s['gemm_branch_overhead']:6.1f}% | "
+              f"{100 * s['linear_branch_overhead_fused']:6.1f}% | "
+              f"{100 * s['linear_branch_overhead_unfused']:6.1f}% | {s['asm_unpack_speedup']:.2f}x")
+    with open(args.json_out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__,
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "rank": RANK, "ceilings": ceil, "checks": checks, "rows": rows,
+                   "summary": summaries}, f, indent=1)
+    print(f"wrote {args.json_out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
