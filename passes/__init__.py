@@ -1,0 +1,1 @@
+"""FX passes over a QGraph, run in recipe order by `passes.manager`. Passes never launch kernels."""

@@ -1,0 +1,99 @@
+"""Options -> QoQConfig: a named recipe plus per-key overrides, each checked with a clear error."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lowering.dispatch import KERNEL_CHOICES
+
+
+class QoQConfigError(ValueError):
+    """A bad `options=` key or value; the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class QoQConfig:
+    recipe: str = "w4a8-g128"
+    weight_bits: int = 4
+    act_bits: int = 8
+    weight_group_size: int = 128  # -1: per-channel (QoQ's second W4 format)
+    protective_range: int = 119  # QoQ's level-1 int8 range, leaves room for level-2 rounding
+    kv_bits: int = 16
+    kernels: str = "auto"
+    inductor: bool = True
+    mode: str = "default"
+    # fnmatch patterns over module FQNs of layers left in FP (the report says why).
+    skip_layers: tuple[str, ...] = ("lm_head", "*.lm_head")
+    calibration: Any = None  # statistics from qcompile.calibrate(...)
+    artifact: Optional[str] = None
+
+    def replace(self, **kw) -> "QoQConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def weight_format(self) -> str:
+        return "w4a8_per_channel" if self.weight_group_size == -1 else "w4a8_progressive"
+
+
+# Named presets. A recipe whose passes have not landed yet says which issue brings it.
+RECIPES: dict[str, dict[str, Any]] = {
+    "w4a8": dict(weight_group_size=-1),
+    "w4a8-g128": dict(weight_group_size=128),
+}
+PLANNED_RECIPES: dict[str, str] = {
+    "qoq": "QoQ's accuracy passes and the KV4 cache (issues 3 and 5)",
+    "qoq-chn": "QoQ's accuracy passes and the KV4 cache (issues 3 and 5)",
+    "svdquant": "SVDQuant's low-rank branch and W4A4 kernels (issue 4)",
+    "w4a8-svd": "SVDQuant's low-rank branch (issue 4)",
+}
+
+_ALLOWED: dict[str, tuple] = {
+    "weight_group_size": (-1, 32, 64, 128, 256),
+    "kv_bits": (4, 16),
+    "kernels": KERNEL_CHOICES,
+    "mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "inductor": (True, False),
+}
+_OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
+                "artifact", "skip_layers", "protective_range")
+
+
+def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> QoQConfig:
+    """Build the config for one compile from torch.compile's `options=` (and `mode=`)."""
+    options = dict(options or {})
+    unknown = sorted(k for k in options if k not in _OPTION_KEYS)
+    if unknown:
+        raise QoQConfigError(
+            f"unknown qoq option(s) {unknown}; valid keys are: {', '.join(_OPTION_KEYS)}"
+        )
+    recipe = options.pop("recipe", QoQConfig.recipe)
+    if recipe in PLANNED_RECIPES:
+        raise QoQConfigError(
+            f"recipe={recipe!r} is not available yet: it needs {PLANNED_RECIPES[recipe]}. "
+            f"Available recipes: {', '.join(RECIPES)}"
+        )
+    if recipe not in RECIPES:
+        raise QoQConfigError(f"recipe={recipe!r} is unknown; available recipes: {', '.join(RECIPES)}")
+    fields = dict(RECIPES[recipe], recipe=recipe)
+    if mode is not None and mode != "default":
+        if "mode" in options and options["mode"] != mode:
+            raise QoQConfigError(f"mode={mode!r} and options['mode']={options['mode']!r} disagree; give one")
+        options["mode"] = mode
+    for key, value in options.items():
+        if key in _ALLOWED and value not in _ALLOWED[key] or (key in _ALLOWED and type(value) is not type(_ALLOWED[key][0])):
+            raise QoQConfigError(f"option {key}={value!r} is not allowed; use one of {_ALLOWED[key]}")
+        if key == "skip_layers":
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise QoQConfigError(f"option skip_layers={value!r}: expected a list of fnmatch patterns over module names")
+            value = tuple(value)
+        if key == "protective_range" and (not isinstance(value, int) or not 1 <= value <= 119):
+            raise QoQConfigError(f"option protective_range={value!r}: expected an int in [1, 119] (119 keeps level-2 rounding inside int8)")
+        if key == "artifact" and value is not None and not isinstance(value, str):
+            raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
+        fields[key] = value
+    if fields.get("artifact") is not None:
+        raise QoQConfigError("option artifact: compiling from a saved artifact arrives with issue 7; leave it None")
+    if fields.get("kv_bits", 16) == 4:
+        raise QoQConfigError("option kv_bits=4: the KV4 cache arrives with issue 5; use kv_bits=16 for now")
+    return QoQConfig(**fields)
