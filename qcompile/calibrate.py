@@ -76,8 +76,21 @@ def calibrate_graph(gm: fx.GraphModule, example_inputs: list, watch: dict[fx.Nod
     """Run the graph once on its example inputs; `watch` maps a node to (stats key, its input node)."""
     stats = CalibrationStats()
     # Runtime inputs may be mutated in place by the graph (a KV cache write): work on copies.
-    args = [a.clone() if isinstance(a, torch.Tensor) and i not in weight_indices else a
+    args = [a.clone() if isinstance(a, torch.Tensor) and i not in weight_indices else _concrete(a)
             for i, a in enumerate(example_inputs)]
     with torch.no_grad():
         _RecordingInterpreter(gm, watch, stats).run(*args)
     return stats
+
+
+def _concrete(value):
+    """A dynamic size reaches the backend as a SymInt; run with the value it has in this call."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        hint = value.node.hint
+        if hint is None:
+            raise RuntimeError(
+                "qoq: a dynamic size has no concrete value to calibrate with; pass statistics from "
+                "qcompile.calibrate(...) as options={'calibration': ...}"
+            )
+        return hint
+    return value
