@@ -77,7 +77,7 @@ def _kv4_attention_kernel(
     sob, soh, sot, sod,                  # out [B, Hq, Tq, D] (written when NUM_SPLITS == 1)
     Hkv, Hq, Tq, L, D2, split_len, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -101,6 +101,10 @@ def _kv4_attention_kernel(
     q_hi = tl.load(qp + (d + D2)[None, :] * sqd, mask=q_ok, other=0.0)
     # k = scale·code + zero, so q·k = scale·(q·code) + zero·Σq: the zero leaves the inner product.
     q_sum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+    if DOT_F32:
+        # The interpreter's bf16 dot is wrong (bf16 is held as uint16); the same bf16 values in fp32 are not.
+        q_lo = q_lo.to(tl.float32)
+        q_hi = q_hi.to(tl.float32)
 
     kv_end = tl.minimum(tl.max(pos, 0) + 1, L)
     start = pid_s * split_len
@@ -121,8 +125,8 @@ def _kv4_attention_kernel(
         kb = tl.load(kbase + n[:, None] * skl + d[None, :] * skd, mask=kv_ok, other=0)
         k_scale = tl.load(kmbase + n * skml, mask=n_ok, other=0.0).to(tl.float32)
         k_zero = tl.load(kmbase + n * skml + skmc, mask=n_ok, other=0.0).to(tl.float32)
-        k_lo = (kb & 0x0F).to(q_lo.dtype)
-        k_hi = (kb >> 4).to(q_lo.dtype)
+        k_lo = (kb & 0x0F).to(tl.float32).to(q_lo.dtype)  # via fp32: the interpreter casts u8 -> bf16 wrongly
+        k_hi = (kb >> 4).to(tl.float32).to(q_lo.dtype)
         s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
         s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
         if HAS_MASK:
@@ -142,10 +146,10 @@ def _kv4_attention_kernel(
         v_scale = tl.load(vmbase + n * svml, mask=n_ok, other=0.0).to(tl.float32)
         v_zero = tl.load(vmbase + n * svml + svmc, mask=n_ok, other=0.0).to(tl.float32)
         # Σ_j p_j (scale_j·code_j + zero_j) = (p·scale) @ codes + Σ_j p_j·zero_j
-        pv = (p * v_scale[None, :]).to(q_lo.dtype)
+        pv = (p * v_scale[None, :]).to(Q.dtype.element_ty).to(q_lo.dtype)
         p_zero = tl.sum(p * v_zero[None, :], 1)[:, None]
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, (vb & 0x0F).to(q_lo.dtype)) + p_zero
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, (vb >> 4).to(q_lo.dtype)) + p_zero
+        acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, (vb & 0x0F).to(tl.float32).to(q_lo.dtype)) + p_zero
+        acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, (vb >> 4).to(tl.float32).to(q_lo.dtype)) + p_zero
         m_i = m_new
 
     if NUM_SPLITS == 1:
@@ -248,6 +252,7 @@ def kv4_attention_triton(
         hkv, hq, tq, length, d2, split_len, scale * _LOG2E,
         G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2,
         NUM_SPLITS=num_splits, HAS_MASK=attn_mask is not None,
+        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
         num_warps=4,
     )
     if num_splits > 1:
