@@ -8,19 +8,24 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from lowering.dispatch import use_triton
+from lowering.dispatch import interpreter_enabled, use_triton
 
 # Rows whose absmax is below this get codes of zero instead of a division by zero.
 ABSMAX_FLOOR = 1e-12
 
 
 def quantize_act_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The spec. Rounding is floor(v + 0.5): the kernels use the same rule, so codes agree bit for bit."""
+    """The spec: `inv = 127 / absmax` (one IEEE division), codes = round-half-even(x · inv).
+
+    The kernels compute the same two roundings, so codes agree bit for bit. (`127.0 / t` in torch
+    is a reciprocal and a product, two roundings: hence the tensor numerator.)
+    """
     x32 = x.float()
     amax = x32.abs().amax(dim=-1).clamp_min(ABSMAX_FLOOR)
-    inv = 127.0 / amax
-    x8 = torch.floor(x32 * inv[..., None] + 0.5).clamp_(-127, 127).to(torch.int8)
+    inv = torch.full_like(amax, 127.0) / amax
+    x8 = torch.round(x32 * inv[..., None]).clamp_(-127, 127).to(torch.int8)
     sx = amax / 127.0
     xsum = x8.sum(dim=-1, dtype=torch.int32)
     return x8, sx, xsum
@@ -32,6 +37,7 @@ def _quantize_act_int8_kernel(
     K, stride_xm, stride_qm,
     ABSMAX_FLOOR: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ON_GPU: tl.constexpr,  # libdevice on the GPU; the interpreter has no libdevice
 ):
     # One program per token: a first sweep finds the absmax, a second writes codes (the row
     # is re-read from L2, which is cheaper than holding a 14336-wide row in registers).
@@ -43,13 +49,21 @@ def _quantize_act_int8_kernel(
         v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
     a = tl.maximum(tl.max(amax, axis=0), ABSMAX_FLOOR)
-    inv = 127.0 / a
+    if ON_GPU:
+        inv = libdevice.div_rn(127.0, a)  # IEEE division, as torch's
+    else:
+        inv = 127.0 / a
     total = tl.zeros([BLOCK_K], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         v = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-        q = tl.floor(v * inv + 0.5)
+        p = v * inv
+        if ON_GPU:
+            q = libdevice.rint(p)
+        else:
+            # Adding 1.5·2^23 rounds |p| < 2^22 to the nearest integer, ties to even, in fp32.
+            q = (p + 12582912.0) - 12582912.0
         q = tl.minimum(tl.maximum(q, -127.0), 127.0).to(tl.int32)
         total += tl.where(mask, q, 0)
         tl.store(x8_ptr + row * stride_qm + offs, q.to(tl.int8), mask=mask)
@@ -72,7 +86,7 @@ def quantize_act_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     block_k = min(triton.next_power_of_2(K), 2048)
     _quantize_act_int8_kernel[(M,)](
         x2, x8, sx, xsum, K, x2.stride(0), K,
-        ABSMAX_FLOOR=ABSMAX_FLOOR, BLOCK_K=block_k, num_warps=4 if block_k <= 1024 else 8,
+        ABSMAX_FLOOR=ABSMAX_FLOOR, BLOCK_K=block_k, ON_GPU=x.is_cuda and not interpreter_enabled(), num_warps=4 if block_k <= 1024 else 8,
     )
     return x8, sx, xsum
 

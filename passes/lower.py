@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 import lowering  # noqa: F401  (registers torch.ops.qoq.*)
-from passes.match import _is_2d_transpose
+from passes.match import is_2d_transpose
 from passes.quantize import LayerDecision
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
@@ -41,6 +41,6 @@ def lower_w4a8_linear(qgraph: QGraph, decision: LayerDecision, config: QoQConfig
     operand = node.args[2] if node.target is torch.addmm else (node.args[1] if len(node.args) > 1 else None)
     graph.erase_node(node)
     # A transpose that fed only this layer is dead now.
-    if isinstance(operand, fx.Node) and not operand.users and _is_2d_transpose(operand) is not None:
+    if isinstance(operand, fx.Node) and not operand.users and is_2d_transpose(operand) is not None:
         graph.erase_node(operand)
     return y

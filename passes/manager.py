@@ -8,7 +8,7 @@ import torch
 from passes.lower import lower_w4a8_linear
 from passes.match import find_linears
 from passes.quantize import LayerDecision, output_sqnr_db, quantize_linears
-from qcompile.calibrate import CalibrationStats
+from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
 from runtime.registry import GraphRecord, LayerRecord
@@ -33,6 +33,10 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
     qgraph.materialize_overrides()
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
+    for node in qgraph.gm.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("qoq."):
+            name = str(node.target).rsplit(".default", 1)[0]
+            record.qoq_ops[name] = record.qoq_ops.get(name, 0) + 1
 
 
 def _layer_record(qgraph: QGraph, d: LayerDecision, config: QoQConfig, stats: CalibrationStats) -> LayerRecord:

@@ -46,7 +46,7 @@ class LinearMatch:
         return shape[::-1] if self.weight_transposed else shape
 
 
-def _is_2d_transpose(node: fx.Node) -> Optional[fx.Node]:
+def is_2d_transpose(node: fx.Node) -> Optional[fx.Node]:
     """If `node` swaps the two dims of a 2-D tensor, return that tensor's node."""
     if not isinstance(node, fx.Node):
         return None
@@ -68,7 +68,7 @@ def _is_2d_transpose(node: fx.Node) -> Optional[fx.Node]:
 
 def _weight_operand(qgraph: QGraph, node: fx.Node) -> Optional[tuple[fx.Node, bool]]:
     """(placeholder, transposed) when `node` is a 2-D weight read as the B operand [K, N]."""
-    inner = _is_2d_transpose(node)
+    inner = is_2d_transpose(node)
     if inner is not None and qgraph.weight_ref(inner) is not None:
         return inner, False
     if qgraph.weight_ref(node) is not None:
@@ -140,7 +140,7 @@ def other_uses(match: LinearMatch, linears: list[LinearMatch]) -> list[fx.Node]:
         if user in linear_nodes:
             continue
         # A transpose that only feeds linears counts as part of them.
-        if all(u in linear_nodes for u in user.users) and _is_2d_transpose(user) is match.weight:
+        if all(u in linear_nodes for u in user.users) and is_2d_transpose(user) is match.weight:
             continue
         users.append(user)
     return users

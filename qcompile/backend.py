@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from passes.manager import run_passes
 from passes.match import find_linears
-from qcompile.calibrate import CalibrationStats, calibrate_graph
+from qcompile.calibration import CalibrationStats, calibrate_graph
 from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
 from runtime.registry import link_params, new_graph_record

@@ -32,6 +32,7 @@ class GraphRecord:
     graph_id: int
     recipe: str
     layers: list[LayerRecord] = field(default_factory=list)
+    qoq_ops: dict[str, int] = field(default_factory=dict)  # torch.ops.qoq.* calls in the final graph
 
 
 _GRAPH_IDS = itertools.count()

@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device() -> str:
     """The device tests run on: the GPU where there is one, else the CPU (Triton interpreter)."""
     return "cuda" if _HAS_CUDA else "cpu"

@@ -1,0 +1,107 @@
+"""The W4A8 GEMM: layout round trip, Triton == reference (integer accumulation bit-exact)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lowering.activation_quant import quantize_act_int8_reference
+from lowering.w4a8_gemm import (
+    K_PAD, pack_nibbles, unpack_nibbles, w4a8_gemm, w4a8_gemm_reference, w4a8_gemm_triton,
+)
+from passes.quantize import quantize_per_channel, quantize_progressive
+
+
+@given(n=st.integers(1, 20), k=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(n, k, seed):
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    packed = pack_nibbles(q)
+    assert packed.dtype == torch.uint8 and packed.shape[1] * 2 % K_PAD == 0
+    assert torch.equal(unpack_nibbles(packed, k), q)
+
+
+def _random_case(m, n, k, fmt, group, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn((n, k), generator=g) * torch.rand((n, 1), generator=g) * 2
+    qw = quantize_progressive(w, group) if fmt == "progressive" else quantize_per_channel(w)
+    qw = qw.to(device)
+    x8 = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8).to(device)
+    return qw, x8, g
+
+
+@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("per_channel", -1)])
+@given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 400), seed=st.integers(0, 2**16))
+def test_triton_integer_accumulation_is_bit_exact(fmt, group, m, n, k, seed, device):
+    qw, x8, _ = _random_case(m, n, k, fmt, group, seed, device)
+    ones_m = torch.ones(m, device=device)
+    ones_n = torch.ones(n, device=device)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    # Unit scales and fp32 output: y is the int32 accumulator itself (|acc| < 2^24 here).
+    args = (x8, ones_m, xsum, qw.qweight, ones_n, qw.gscale, qw.gzero, None, torch.float32)
+    got = w4a8_gemm_triton(*args)
+    want = w4a8_gemm_reference(*args)
+    assert torch.equal(got, want)
+    assert torch.equal(got, got.round())
+
+
+@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("per_channel", -1)])
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=2), n=st.integers(1, 70), k=st.integers(16, 300),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_matches_reference_with_scales_and_bias(fmt, group, lead, n, k, dtype, bias, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn((n, k), generator=g)
+    qw = (quantize_progressive(w, group) if fmt == "progressive" else quantize_per_channel(w)).to(device)
+    x = torch.randn((*lead, k), generator=g).to(dtype).to(device)
+    b = torch.randn(n, generator=g).to(dtype).to(device) if bias else None
+    x8, sx, xsum = quantize_act_int8_reference(x)
+    args = (x8, sx, xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, b, dtype)
+    got = w4a8_gemm(*args, kernels="triton")
+    want = w4a8_gemm(*args, kernels="reference")
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.abs().max()) + 1e-6)
+    # And the op computes the quantized linear layer it stands for.
+    fp = (x8.float() * sx[..., None]) @ qw.dequantize().t() + (b.float() if bias else 0)
+    torch.testing.assert_close(want.float(), fp, rtol=tol, atol=tol * float(fp.abs().max()) + 1e-5)
+
+
+def test_split_k_matches_single_pass(device):
+    qw, x8, g = _random_case(3, 48, 1024, "progressive", 128, 7, device)
+    sx = torch.rand(3, generator=g).to(device)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (x8, sx, xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, None, torch.float32)
+    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+    one = w4a8_gemm_triton(*args, config=dict(base, SPLIT_K=1))
+    four = w4a8_gemm_triton(*args, config=dict(base, SPLIT_K=4))
+    torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["progressive", "per_channel"])
+def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt):
+    qw, x8, _ = _random_case(77, 300, 1000, fmt, 128, 3, "cuda")
+    ones_m = torch.ones(77, device="cuda")
+    ones_n = torch.ones(300, device="cuda")
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (x8, ones_m, xsum, qw.qweight, ones_n, qw.gscale, qw.gzero, None, torch.float32)
+    for M in (1, 16, 77):
+        a = (x8[:M], ones_m[:M], xsum[:M]) + args[3:]
+        asm = w4a8_gemm_triton(*a, use_asm=True)
+        pure = w4a8_gemm_triton(*a, use_asm=False)
+        assert torch.equal(asm, pure)
+        assert torch.equal(asm, w4a8_gemm_reference(*a))
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qw = quantize_progressive(torch.randn(24, 200), 128)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x8 = torch.empty(2, 5, 200, dtype=torch.int8)
+        y = torch.ops.qoq.w4a8_gemm(x8, torch.empty(2, 5), torch.empty(2, 5, dtype=torch.int32), qw.qweight,
+                                    qw.wscale, qw.gscale, qw.gzero, None, torch.bfloat16, "auto")
+    assert y.shape == (2, 5, 24) and y.dtype == torch.bfloat16

@@ -1,0 +1,43 @@
+"""Options -> QoQConfig: recipes, overrides, and errors that name the key and the allowed values."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qcompile.config import QoQConfigError, make_config
+
+
+def test_recipes_and_overrides():
+    assert make_config(None).weight_format == "w4a8_progressive"
+    cfg = make_config({"recipe": "w4a8"})
+    assert cfg.weight_group_size == -1 and cfg.weight_format == "w4a8_per_channel"
+    cfg = make_config({"recipe": "w4a8", "weight_group_size": 64, "kernels": "reference", "inductor": False})
+    assert (cfg.weight_group_size, cfg.kernels, cfg.inductor) == (64, "reference", False)
+    assert make_config({}, mode="max-autotune").mode == "max-autotune"
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(QoQConfigError, match="unknown qoq option.*'group'.*valid keys are: recipe"):
+        make_config({"group": 128})
+
+
+@pytest.mark.parametrize("key,value", [
+    ("weight_group_size", 100), ("weight_group_size", True), ("kernels", "cuda"), ("inductor", "yes"),
+    ("mode", "fast"), ("kv_bits", 8), ("skip_layers", "lm_head"), ("protective_range", 127),
+])
+def test_bad_value_names_the_key(key, value):
+    with pytest.raises(QoQConfigError, match=key):
+        make_config({key: value})
+
+
+def test_unknown_and_planned_recipes_are_clear_errors():
+    with pytest.raises(QoQConfigError, match="unknown; available recipes"):
+        make_config({"recipe": "int3"})
+
+
+def test_options_reach_the_backend_through_torch_compile():
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(Exception, match="unknown qoq option"):
+        torch.compile(model, backend="qoq", options={"bogus": 1})(torch.randn(2, 8))
