@@ -57,11 +57,11 @@ def reference(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Te
     """Plain-torch `w4a4_quantize_act` on [R, K]; see the op for the meaning of the arguments."""
     xs = x.float() * smooth_inv.float() if smooth_inv is not None else x.float()
     q, scale = quantize_groups_int4(xs)
-    if l_down is not None:
+    if l_down is not None and l_down.shape[1] > 0:
         # The branch sees the smoothed activation in the model's 16-bit dtype, as the kernel does.
         lr = (xs.to(x.dtype).float() @ l_down.to(x.dtype).float()).to(x.dtype)
     else:
-        lr = x.new_empty((x.shape[0], 0))
+        lr = x.new_empty((x.shape[0], 0 if l_down is None else l_down.shape[1]))
     return pack_int4(q), scale, lr
 
 
@@ -146,6 +146,8 @@ def triton_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None,
         return q, scale, lr
     if smooth_inv is not None:
         smooth_inv = smooth_inv.to(torch.float32).contiguous()
+    if l_down is not None and r == 0:
+        l_down = None
     if l_down is not None:
         l_down = l_down.to(x.dtype).contiguous()
     block_m = _block_m(m)

@@ -268,9 +268,10 @@ def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1])
     sa2 = a_scale.reshape(-1, a_scale.shape[-1])
-    lr2 = lr_act.reshape(-1, lr_act.shape[-1]) if lr_act is not None else None
-    if lr2 is not None and lr2.shape[1] == 0:
+    if lr_act is None or lr_act.shape[-1] == 0:   # rank 0: no branch
         lr2, l_up = None, None
+    else:
+        lr2 = lr_act.reshape(-1, lr_act.shape[-1])
     fn = triton_gemm if use_triton(a, kernels) else reference
     y = fn(a2, sa2, w, w_scale, lr2, l_up, bias, out_dtype)
     return y.view(*lead, w.shape[0])
