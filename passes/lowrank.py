@@ -533,3 +533,38 @@ def layer_records(decisions: list[SVDQuantDecision], shapes: dict[str, tuple[int
                     details={**d.details, "group": d.fqns,
                              "sqnr_rtn_db": sqnr(d.result.error_rtn)}))
     return out
+
+
+def svdquant_backend(opts: SVDQuantOptions) -> Callable:
+    """A Dynamo backend running capture -> calibration on the example inputs -> `svdquant_pass`,
+    for tests and examples until the `svdquant` recipes are wired into `backend="qoq"`. The pass's
+    decisions land in the returned callable's `decisions` list, its graphs in `graphs`."""
+    from passes.match import find_linears
+    from qcompile.capture import capture
+    try:
+        from qcompile.calibration import calibrate_graph
+    except ImportError:  # the module's earlier name
+        from qcompile.calibrate import calibrate_graph
+
+    def backend(gm: fx.GraphModule, example_inputs: list):
+        with torch.no_grad():
+            qg = capture(gm, example_inputs)
+            linears = find_linears(qg)
+            watch = {m.node: (m.fqn, m.x) for m in linears}
+            stats = calibrate_graph(gm, example_inputs, watch,
+                                    {w.index for w in qg.weights.values()})
+            backend.decisions.extend(svdquant_pass(qg, linears, stats, opts))
+            qg.materialize_overrides()
+            qg.gm.graph.lint()
+            qg.gm.recompile()
+            backend.graphs.append(qg.gm.graph)
+        forward = qg.gm.forward
+
+        def run(*args):
+            with torch.no_grad():
+                return forward(*args)
+        return run
+
+    backend.decisions = []
+    backend.graphs = []
+    return backend

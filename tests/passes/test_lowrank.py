@@ -143,29 +143,13 @@ def _tiny_flux():
 
 
 def _compile_with_pass(model, inputs, opts):
-    from passes.lowrank import svdquant_pass
-    from passes.match import find_linears
-    from qcompile.calibration import calibrate_graph
-    from qcompile.capture import capture
+    from passes.lowrank import svdquant_backend
 
-    seen = {}
-
-    def backend(gm, example_inputs):
-        qg = capture(gm, example_inputs)
-        linears = find_linears(qg)
-        watch = {m.node: (m.fqn, m.x) for m in linears}
-        stats = calibrate_graph(gm, example_inputs, watch, {w.index for w in qg.weights.values()})
-        seen["decisions"] = svdquant_pass(qg, linears, stats, opts)
-        qg.materialize_overrides()
-        qg.gm.graph.lint()
-        qg.gm.recompile()
-        seen["graph"] = qg.gm.graph
-        return qg.gm.forward
-
+    backend = svdquant_backend(opts)
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(model, backend=backend, fullgraph=True)(**inputs)[0]
-    return out, seen
+    return out, {"decisions": backend.decisions, "graph": backend.graphs[-1]}
 
 
 @pytest.mark.slow
