@@ -148,7 +148,7 @@ def as_norm(qgraph: QGraph, node: fx.Node) -> Optional[NormMatch]:
 
 def linear_weight(qgraph: QGraph, m: LinearMatch) -> torch.Tensor:
     """The current weight as [out, in]."""
-    w = qgraph.weight(m.weight)
+    w = qgraph.weight(m.weight).detach()
     return w.t() if m.weight_transposed else w
 
 
@@ -158,7 +158,7 @@ def set_linear_weight(qgraph: QGraph, m: LinearMatch, w: torch.Tensor) -> None:
 
 
 def linear_bias(qgraph: QGraph, m: LinearMatch) -> Optional[torch.Tensor]:
-    return qgraph.weight(m.bias) if m.bias is not None and qgraph.weight_ref(m.bias) is not None else None
+    return qgraph.weight(m.bias).detach() if m.bias is not None and qgraph.weight_ref(m.bias) is not None else None
 
 
 @dataclass

@@ -1,0 +1,209 @@
+"""Weight rounding that looks at the activations: a per-output-channel clipping-ratio search and
+GPTQ (Hessian `X^T X` from calibration rows, damped, blocked, column by column with error feedback),
+both for QoQ's two W4 formats. Emits `QuantizedWeight`s bit-compatible with `passes.quantize`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowering.dispatch import cdiv
+from lowering.w4a8_gemm import K_PAD, pack_nibbles
+from passes.quantize import LayerDecision
+from passes.scale_groups import linear_weight
+from qcompile.calibration import CalibrationStats
+from qcompile.capture import QGraph
+from qcompile.config import QoQConfig
+from runtime.quantized_weight import QuantizedWeight
+
+_TINY = 1e-12
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _round(v: torch.Tensor) -> torch.Tensor:
+    return torch.floor(v + 0.5)  # the rounding passes.quantize uses
+
+
+class _Quantizer:
+    """One W4 format with per-row clip ratios; `params` fixes a group's scale/zero, `fake` rounds."""
+
+    def __init__(self, w: torch.Tensor, config: QoQConfig, clip: torch.Tensor):
+        self.N, self.K = w.shape
+        self.group = config.weight_group_size
+        self.pr = config.protective_range
+        self.clip = clip.float()
+        if self.group == -1:
+            wmax = (w.amax(dim=1).clamp_min(0) * self.clip)
+            wmin = (w.amin(dim=1).clamp_max(0) * self.clip)
+            self.s = ((wmax - wmin) / 15).clamp_min(_TINY)
+            self.z = _round(-wmin / self.s).clamp_(0, 15)
+        else:
+            self.s1 = w.abs().amax(dim=1).clamp_min(_TINY) / self.pr
+            G = cdiv(self.K, self.group)
+            self.s2 = torch.ones(self.N, G)
+            self.z2 = torch.zeros(self.N, G)
+
+    def start_group(self, g: int, wg: torch.Tensor) -> None:
+        """Level-2 scale and zero of group `g` from its current (error-updated) columns."""
+        if self.group == -1:
+            return
+        w8 = _round(wg / self.s1[:, None]).clamp_(-self.pr, self.pr)
+        gmax = w8.amax(dim=1).clamp_min(0) * self.clip
+        gmin = w8.amin(dim=1).clamp_max(0) * self.clip
+        s2 = torch.ceil((gmax - gmin) / 15).clamp_min(1)
+        self.s2[:, g] = s2
+        self.z2[:, g] = _round(-gmin / s2).clamp_(0, 15)
+
+    def codes(self, col: torch.Tensor, j: int) -> torch.Tensor:
+        if self.group == -1:
+            return (_round(col / self.s) + self.z).clamp_(0, 15)
+        g = j // self.group
+        w8 = _round(col / self.s1).clamp_(-self.pr, self.pr)
+        return (_round(w8 / self.s2[:, g]) + self.z2[:, g]).clamp_(0, 15)
+
+    def dequant(self, q: torch.Tensor, j: int) -> torch.Tensor:
+        if self.group == -1:
+            return self.s * (q - self.z)
+        g = j // self.group
+        return self.s1 * (q - self.z2[:, g]) * self.s2[:, g]
+
+    def build(self, q: torch.Tensor) -> QuantizedWeight:
+        """Pack codes [N, K] the way passes.quantize does (padding groups: scale 1, zero 0)."""
+        N, K = self.N, self.K
+        if self.group == -1:
+            return QuantizedWeight(
+                format="w4a8_per_channel", out_features=N, in_features=K, group_size=-1,
+                qweight=pack_nibbles(q), wscale=self.s.contiguous(), gscale=None,
+                gzero=self.z.to(torch.int32).contiguous())
+        G = self.group
+        multiple = math.lcm(K_PAD, G)
+        Kp = cdiv(K, multiple) * multiple
+        s2 = torch.ones(N, Kp // G)
+        z2 = torch.zeros(N, Kp // G)
+        s2[:, : self.s2.shape[1]] = self.s2
+        z2[:, : self.z2.shape[1]] = self.z2
+        qp = z2.repeat_interleave(G, dim=1)  # padded columns hold zeros: code = the group's zero
+        qp[:, :K] = q
+        return QuantizedWeight(
+            format="w4a8_progressive", out_features=N, in_features=K, group_size=G,
+            qweight=pack_nibbles(qp, multiple), wscale=self.s1.contiguous(),
+            gscale=s2.to(torch.uint8).contiguous(), gzero=(z2 * s2).to(torch.uint8).contiguous())
+
+
+def quantize_rtn(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
+    """Round to nearest with per-row clip ratios; returns the weight and its dequantized value."""
+    w = w.detach().float()
+    quant = _Quantizer(w, config, clip if clip is not None else torch.ones(w.shape[0]))
+    q = torch.empty_like(w)
+    deq = torch.empty_like(w)
+    step = quant.group if quant.group != -1 else w.shape[1]
+    for g0 in range(0, w.shape[1], step):
+        cols = slice(g0, min(g0 + step, w.shape[1]))
+        quant.start_group(g0 // step, w[:, cols])
+        if quant.group == -1:
+            q[:, cols] = (_round(w[:, cols] / quant.s[:, None]) + quant.z[:, None]).clamp_(0, 15)
+            deq[:, cols] = quant.s[:, None] * (q[:, cols] - quant.z[:, None])
+        else:
+            g = g0 // step
+            w8 = _round(w[:, cols] / quant.s1[:, None]).clamp_(-quant.pr, quant.pr)
+            q[:, cols] = (_round(w8 / quant.s2[:, g, None]) + quant.z2[:, g, None]).clamp_(0, 15)
+            deq[:, cols] = quant.s1[:, None] * (q[:, cols] - quant.z2[:, g, None]) * quant.s2[:, g, None]
+    return quant.build(q), deq
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, config: QoQConfig, ratios=CLIP_RATIOS) -> torch.Tensor:
+    """Per output channel, the clip ratio whose round-to-nearest weight gives the least output error on `x`."""
+    w = w.detach().float()
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best = torch.ones(w.shape[0])
+    for r in ratios:
+        _, deq = quantize_rtn(w, config, torch.full((w.shape[0],), float(r)))
+        err = (x @ (w - deq).t()).pow(2).sum(dim=0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, float(r)), best)
+    return best
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None = None,
+         damp: float = 0.01, block: int = 128) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ (Frantar et al.): quantize columns in order, pushing each column's rounding error onto the
+    columns not yet quantized through the inverse Hessian. Group parameters are set when a group starts."""
+    W = w.detach().float().clone()
+    N, K = W.shape
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    quant = _Quantizer(W, config, clip if clip is not None else torch.ones(N))
+    if quant.group != -1:
+        block = quant.group  # a block is one group, so its parameters come from error-updated columns
+    Q = torch.zeros_like(W)
+    deq = torch.zeros_like(W)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        quant.start_group(i1 // block, W1)
+        for i in range(i2 - i1):
+            col = W1[:, i]
+            q = quant.codes(col, i1 + i)
+            dq = quant.dequant(q, i1 + i)
+            Q[:, i1 + i] = q
+            deq[:, i1 + i] = dq
+            err = (col - dq) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return quant.build(Q), deq
+
+
+def _hessian(ls) -> torch.Tensor | None:
+    h = getattr(ls, "hessian", None)
+    if h is not None:
+        return h
+    if ls.samples.shape[0] == 0:
+        return None
+    return ls.samples.t() @ ls.samples
+
+
+def search_weights(qgraph: QGraph, decisions: list[LayerDecision], config: QoQConfig, stats: CalibrationStats,
+                   details: dict[str, dict]) -> list[LayerDecision]:
+    """Replace round-to-nearest weights by clip-searched and/or GPTQ ones where statistics allow."""
+    out = []
+    for d in decisions:
+        m = d.match
+        ls = stats.get(m.fqn) if stats is not None else None
+        if d.qweight is None or ls is None or ls.samples.shape[0] == 0:
+            if d.qweight is not None:
+                details.setdefault(m.fqn, {})["weight_search"] = "skipped: no calibration statistics"
+            out.append(d)
+            continue
+        w = linear_weight(qgraph, m).float()
+        x = ls.samples.float()
+        info = {}
+        clip = search_clip(w, x, config) if config.clip_search else None
+        if clip is not None:
+            info["clip_ratio_mean"] = round(float(clip.mean()), 4)
+        if config.gptq:
+            qw, deq = gptq(w, _hessian(ls), config, clip)
+            info["gptq"] = True
+        else:
+            qw, deq = quantize_rtn(w, config, clip)
+        ref = x @ w.t()
+        rtn_err = float((x @ (w - d.qweight.dequantize()).t()).pow(2).sum())
+        new_err = float((ref - x @ deq.t()).pow(2).sum())
+        # The samples are the rows GPTQ fitted: keep round-to-nearest where it still wins on them.
+        if new_err <= rtn_err:
+            out.append(LayerDecision(m, qw, d.reason))
+        else:
+            out.append(d)
+            info["weight_search"] = "kept round-to-nearest (lower error on the calibration rows)"
+        info["weight_error_ratio"] = round(min(new_err, rtn_err) / rtn_err, 4) if rtn_err else 1.0
+        details.setdefault(m.fqn, {}).update(info)
+    return out
