@@ -19,15 +19,46 @@ log = logging.getLogger("qoq")
 PIPELINES: dict[str, tuple[str, ...]] = {
     "w4a8": ("match", "quantize", "lower"),
     "w4a8-g128": ("match", "quantize", "lower"),
+    "qoq": ("match", "rotate", "smooth_attention", "smooth", "reorder", "quantize", "gptq", "lower"),
+    "qoq-chn": ("match", "rotate", "smooth_attention", "smooth", "reorder", "quantize", "gptq", "lower"),
 }
+# QoQ's function-preserving passes; each also needs its config flag (a recipe default or an option).
+_REWRITES = ("rotate", "smooth_attention", "smooth", "reorder")
+
+
+def _rewrite(name: str):
+    import importlib
+
+    return getattr(importlib.import_module(f"passes.{name}"), name)  # passes/<name>.py defines <name>()
+
+
+def run_qoq_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, details: dict[str, dict]):
+    """Run the recipe's function-preserving passes; returns statistics that follow the new inputs."""
+    from qcompile.calibrate_api import working_copy
+
+    pipeline = PIPELINES.get(config.recipe, ())
+    stats = working_copy(stats)
+    for name in pipeline:
+        if name in _REWRITES and getattr(config, name):
+            _rewrite(name)(qgraph, find_linears(qgraph), config, stats, details)
+    return stats
 
 
 def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record: GraphRecord) -> None:
+    details: dict[str, dict] = {}  # module FQN -> what the QoQ passes did to it
+    pipeline = PIPELINES.get(config.recipe, ())
+    if any(p in _REWRITES or p == "gptq" for p in pipeline):
+        stats = run_qoq_passes(qgraph, config, stats, details)
     linears = find_linears(qgraph)
     log.debug("graph %d: %d linear layers matched", record.graph_id, len(linears))
     decisions = quantize_linears(qgraph, linears, config)
+    if "gptq" in pipeline and (config.gptq or config.clip_search):
+        from passes.gptq import search_weights
+
+        decisions = search_weights(qgraph, decisions, config, stats, details)
     for d in decisions:
         record.layers.append(_layer_record(qgraph, d, config, stats))
+        record.layers[-1].details.update(details.get(d.match.fqn, {}))
         if d.qweight is not None:
             lower_w4a8_linear(qgraph, d, config)
     qgraph.materialize_overrides()

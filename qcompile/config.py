@@ -26,6 +26,15 @@ class QoQConfig:
     # fnmatch patterns over module FQNs of layers left in FP (the report says why).
     skip_layers: tuple[str, ...] = ("lm_head", "*.lm_head")
     calibration: Any = None  # statistics from qcompile.calibrate(...)
+    # QoQ's accuracy passes (issue 3); each runs only in a recipe whose pipeline lists it.
+    smooth: bool = False  # SmoothQuant-style factors, (α, β) searched per scale group
+    smooth_alphas: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    smooth_attention: bool = False  # λ = max|K|^α folded into q_proj / k_proj
+    smooth_attention_alpha: float = 0.5
+    reorder: bool = False  # activation-aware input-channel reordering (group quantization only)
+    rotate: bool = False  # Hadamard rotation of the block inputs
+    gptq: bool = False  # GPTQ weight rounding (Hessian from calibration rows)
+    clip_search: bool = False  # per-output-channel clipping ratio search
     artifact: Optional[str] = None
 
     def replace(self, **kw) -> "QoQConfig":
@@ -40,10 +49,11 @@ class QoQConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "w4a8": dict(weight_group_size=-1),
     "w4a8-g128": dict(weight_group_size=128),
+    # KV4 (kv_bits=4) joins these two when the KV4 pass lands (issue 5).
+    "qoq": dict(weight_group_size=128, smooth=True, smooth_attention=True, reorder=True, gptq=True, clip_search=True),
+    "qoq-chn": dict(weight_group_size=-1, smooth=True, smooth_attention=True, gptq=True, clip_search=True),
 }
 PLANNED_RECIPES: dict[str, str] = {
-    "qoq": "QoQ's accuracy passes and the KV4 cache (issues 3 and 5)",
-    "qoq-chn": "QoQ's accuracy passes and the KV4 cache (issues 3 and 5)",
     "svdquant": "SVDQuant's low-rank branch and W4A4 kernels (issue 4)",
     "w4a8-svd": "SVDQuant's low-rank branch (issue 4)",
 }
@@ -57,6 +67,8 @@ _ALLOWED: dict[str, tuple] = {
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
                 "artifact", "skip_layers", "protective_range")
+_PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "gptq", "clip_search")
+_OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
 
 
 def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> QoQConfig:
@@ -89,6 +101,14 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             value = tuple(value)
         if key == "protective_range" and (not isinstance(value, int) or not 1 <= value <= 119):
             raise QoQConfigError(f"option protective_range={value!r}: expected an int in [1, 119] (119 keeps level-2 rounding inside int8)")
+        if key in _PASS_FLAGS and not isinstance(value, bool):
+            raise QoQConfigError(f"option {key}={value!r}: expected True or False")
+        if key == "smooth_alphas":
+            if isinstance(value, (str, bytes)) or not value or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in value):
+                raise QoQConfigError(f"option smooth_alphas={value!r}: expected a non-empty list of numbers in [0, 1]")
+            value = tuple(float(a) for a in value)
+        if key == "smooth_attention_alpha" and (not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise QoQConfigError(f"option smooth_attention_alpha={value!r}: expected a number in [0, 1]")
         if key == "artifact" and value is not None and not isinstance(value, str):
             raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
         fields[key] = value
