@@ -12,6 +12,7 @@ _PUBLIC = {
     "QoQConfigError": "qcompile.config",
     "make_config": "qcompile.config",
     "qoq_backend": "qcompile.backend",
+    "calibrate": "qcompile.calibrate_api",
     "report": "qcompile.reporting",
     "Report": "qcompile.reporting",
 }
