@@ -72,7 +72,7 @@ def w4a8_gemm_reference(
 # and zero on whole 32-bit words: one instruction handles four weights. The four bytes a thread
 # packs are consecutive along K in one row (16-byte vector loads), so s2 and z·s2 are the same in
 # all four lanes; the byte-wise subtraction keeps borrows inside each byte (SWAR).
-_UNPACK_PROGRESSIVE_ASM = """
+_UNPACK_PROGRESSIVE_ASM = tl.constexpr("""
 {
 .reg .b32 s, lo, hi, z, t0, t1;
 and.b32 s, $3, 0xFF;
@@ -95,16 +95,16 @@ not.b32 t1, t1;
 and.b32 t1, t1, 0x80808080;
 xor.b32 $1, t0, t1;
 }
-"""
+""")
 
-_UNPACK_PER_CHANNEL_ASM = """
+_UNPACK_PER_CHANNEL_ASM = tl.constexpr("""
 {
 .reg .b32 t;
 and.b32 $0, $2, 0x0F0F0F0F;
 shr.u32 t, $2, 4;
 and.b32 $1, t, 0x0F0F0F0F;
 }
-"""
+""")
 
 
 @triton.jit
