@@ -33,11 +33,11 @@ def test_error_within_half_a_step_any_leading_shape(shape, k, seed):
     assert torch.equal(xsum, x8.sum(-1, dtype=torch.int32))
 
 
-def test_zero_rows_give_zero_codes():
-    x = torch.zeros(3, 17)
-    x[1] = torch.linspace(-1, 1, 17)
+def test_zero_rows_give_zero_codes(device):
+    x = torch.zeros(3, 17, device=device)
+    x[1] = torch.linspace(-1, 1, 17, device=device)
     x8, sx, _ = quantize_act_int8(x, "triton")
-    assert torch.equal(x8[0], torch.zeros(17, dtype=torch.int8)) and torch.equal(x8[2], x8[0])
+    assert torch.equal(x8[0], torch.zeros(17, dtype=torch.int8, device=device)) and torch.equal(x8[2], x8[0])
     assert int(x8[1].abs().max()) == 127 and torch.isfinite(sx).all()
 
 
