@@ -34,6 +34,7 @@ def model():
     return _model()
 
 
+@pytest.mark.slow
 def test_generate_fp_vs_kv4_greedy_agreement(model):
     """Random-weight models have near-tied logits, so one flipped token changes the rest of the sequence:
     measured greedy agreement 0.96 / 0.56 / 0.19 / 0.67 (seeds 0-3, mean 0.59); teacher-forced top-1
@@ -48,7 +49,7 @@ def test_generate_fp_vs_kv4_greedy_agreement(model):
         seq = torch.cat([ids, fp], 1)[:, :-1]
         with torch.no_grad():
             lf = model(seq, past_key_values=StaticCache(model.config, max_cache_len=seq.shape[1])).logits[:, PROMPT - 1:]
-            lq = model(seq, past_key_values=KV4Cache(model.config, max_cache_len=seq.shape[1])).logits[:, PROMPT - 1:]
+            lq = model(seq, past_key_values=KV4Cache(model.config, seq.shape[1], kernels="reference")).logits[:, PROMPT - 1:]
         forced.append((lf.argmax(-1) == lq.argmax(-1)).float().mean().item())
         kls.append(F.kl_div(lq.log_softmax(-1), lf.log_softmax(-1), log_target=True, reduction="batchmean").item()
                    / lf.shape[1])
@@ -75,6 +76,7 @@ def test_layer0_cache_is_the_kv4_quantization_of_the_fp_cache(model):
             assert not data[:, :, PROMPT:].any()
 
 
+@pytest.mark.slow
 def test_triton_and_reference_append_generate_the_same(model):
     ids = _prompt(1, batch=1)
     ref = _generate(model, ids, KV4Cache(model.config, PROMPT + NEW, kernels="reference"))
@@ -82,29 +84,30 @@ def test_triton_and_reference_append_generate_the_same(model):
     assert torch.equal(ref, tri)
 
 
+@pytest.mark.slow
 def test_reset_between_generate_calls(model):
     a, b = _prompt(2), _prompt(3)
-    cache = KV4Cache(model.config, max_cache_len=PROMPT + NEW)
+    cache = KV4Cache(model.config, max_cache_len=PROMPT + NEW, kernels="reference")
     _generate(model, a, cache)
     assert cache.get_seq_length() == PROMPT + NEW - 1
     cache.reset()
     assert cache.get_seq_length() == 0
     assert all(not t.any() for layer in cache.layers for t in layer.buffers.tensors())
     again = _generate(model, b, cache)
-    fresh = _generate(model, b, KV4Cache(model.config, max_cache_len=PROMPT + NEW))
+    fresh = _generate(model, b, KV4Cache(model.config, max_cache_len=PROMPT + NEW, kernels="reference"))
     assert torch.equal(again, fresh)
 
 
 def test_full_cache_raises(model):
     with pytest.raises(ValueError, match="max_cache_len"):
-        _generate(model, _prompt(0), KV4Cache(model.config, max_cache_len=PROMPT + 2))
+        _generate(model, _prompt(0), KV4Cache(model.config, max_cache_len=PROMPT + 2, kernels="reference"))
 
 
 def test_bits_per_element_measured():
     """Head dim 128: 64 data bytes + 4 bytes of (scale, zero) per token and head = 4.25 bits an element."""
     model = _model(head_dim=128, layers=2)
     ids = _prompt(4)
-    kv4 = KV4Cache(model.config, max_cache_len=64)
+    kv4 = KV4Cache(model.config, max_cache_len=64, kernels="reference")
     fp = StaticCache(model.config, max_cache_len=64)
     with torch.no_grad():
         model(ids, past_key_values=kv4)
