@@ -4,4 +4,11 @@ Importing this package registers every op in the `qoq` torch.library namespace.
 """
 from __future__ import annotations
 
-from lowering import activation_quant, w4a8_gemm  # noqa: F401  (registers the ops)
+from lowering import (  # noqa: F401  (each module registers its ops)
+    activation_quant,
+    kv4_append,
+    kv4_attention,
+    w4a4_activation_quant,
+    w4a4_gemm,
+    w4a8_gemm,
+)
