@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 
 import torch
 import triton
@@ -29,37 +30,49 @@ FLUX_LINEARS = [
 ]
 TOKENS = [4608, 4096]   # 4096 image + 512 text tokens, and image only
 RANK = 32
+DEVICE = "cuda"         # --smoke: "cpu" under TRITON_INTERPRET=1, to check the script itself
 
 
 def bench(fn) -> float:
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
 
 
 def measure_ceilings() -> dict:
     """Bandwidth (device-to-device copy) and int8 MMA peak (torch._int_mm), in this run."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    size = 1 << 30 if DEVICE == "cuda" else 1 << 20
+    src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src))
     bw = 2 * src.numel() / (ms * 1e-3)
-    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
-    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").T
+    n = 8192 if DEVICE == "cuda" else 256
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=DEVICE)
+    b = torch.randint(-128, 127, (n, n), dtype=torch.int8, device=DEVICE).T
     ms = bench(lambda: torch._int_mm(a, b))
-    peak = 2 * 8192**3 / (ms * 1e-3)
+    peak = 2 * n**3 / (ms * 1e-3)
     del src, dst, a, b
     return {"bandwidth_Bps": bw, "int8_peak_ops": peak}
 
 
 def check(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     """Numbers before speed: both unpack paths give the same bits, and match the reference."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(m, k, device="cuda", dtype=dtype, generator=g)
-    w = torch.randn(n, k, device="cuda", generator=g) * 0.02
-    ld = (torch.randn(k, RANK, device="cuda", generator=g) * 0.02).to(dtype)
-    lu = (torch.randn(RANK, n, device="cuda", generator=g) * 0.02).to(dtype)
-    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype, generator=g)
+    w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
+    ld = (torch.randn(k, RANK, device=DEVICE, generator=g) * 0.02).to(dtype)
+    lu = (torch.randn(RANK, n, device=DEVICE, generator=g) * 0.02).to(dtype)
+    bias = torch.randn(n, device=DEVICE, generator=g).to(dtype)
     wp, ws = quantize_weight(w)
     a, sa, lr = triton_quantize_act(x, None, ld)
-    y_asm = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=True)
+    # The inline-PTX unpack exists on the GPU only; elsewhere both paths are the pure-Triton one.
+    y_asm = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=DEVICE == "cuda")
     y_tri = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=False)
     y_ref = reference(a, sa, wp, ws, lr, lu, bias, dtype)
     y_fp = x.float() @ w.T + (x.float() @ ld.float()) @ lu.float() + bias.float()
@@ -73,12 +86,12 @@ def check(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
 
 def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
               ) -> tuple[list[dict], dict]:
-    x = torch.randn(m, k, device="cuda", dtype=dtype)
-    w = torch.randn(n, k, device="cuda") * 0.02
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE) * 0.02
     w16 = w.to(dtype)
-    ld = (torch.randn(k, RANK, device="cuda") * 0.02).to(dtype)
-    lu = (torch.randn(RANK, n, device="cuda") * 0.02).to(dtype)
-    bias = torch.randn(n, device="cuda").to(dtype)
+    ld = (torch.randn(k, RANK, device=DEVICE) * 0.02).to(dtype)
+    lu = (torch.randn(RANK, n, device=DEVICE) * 0.02).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
     wp, ws = quantize_weight(w)
     a, sa, lr = triton_quantize_act(x, None, ld)
     a_nolr, sa_nolr, _ = triton_quantize_act(x, None, None)
@@ -88,8 +101,8 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
         y = triton_gemm(q, s, wp, ws, None, None, bias, dtype)
         return y + (x @ ld) @ lu
 
-    x8 = torch.randint(-128, 127, (m, k), dtype=torch.int8, device="cuda")
-    w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device="cuda")
+    x8 = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=DEVICE)
+    w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=DEVICE)
     times = {
         "cublas_bf16": bench(lambda: torch.mm(x, w16.T)),
         "int_mm_int8": bench(lambda: torch._int_mm(x8, w8.T)),
@@ -147,14 +160,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("json_out", help="where to write the results (JSON)")
     p.add_argument("--quick", action="store_true", help="one token count, two shapes")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU (run with TRITON_INTERPRET=1): checks the script")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_w4a4 needs a CUDA GPU")
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_w4a4 needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     dtype = getattr(torch, args.dtype)
     tokens = TOKENS[:1] if args.quick else TOKENS
     linears = FLUX_LINEARS[:2] if args.quick else FLUX_LINEARS
+    if args.smoke:
+        tokens, linears = [48], [("smoke", 96, 192)]
     ceil = measure_ceilings()
-    checks = {f"{n}x{k}": check(256, n, k, dtype) for _, n, k in linears}
+    checks = {f"{n}x{k}": check(32 if args.smoke else 256, n, k, dtype) for _, n, k in linears}
     rows, summaries = [], []
     for m in tokens:
         for lname, n, k in linears:
@@ -164,9 +184,10 @@ def main(argv: list[str] | None = None) -> None:
             s["linear"] = lname
             rows += r
             summaries.append(s)
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
 
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+    print(f"{device_name()}  torch {torch.__version__}  triton {triton.__version__}"
           f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak "
           f"{ceil['int8_peak_ops'] / 1e12:.0f} TOP/s  rank {RANK}")
     print(f"{'linear':16} {'M':>5} {'N':>6} {'K':>6} {'kernel':30} {'ms':>8} {'TOP/s':>7} "
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * s['linear_branch_overhead_fused']:6.1f}% | "
               f"{100 * s['linear_branch_overhead_unfused']:6.1f}% | {s['asm_unpack_speedup']:.2f}x")
     with open(args.json_out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        json.dump({"device": device_name(), "torch": torch.__version__,
                    "triton": triton.__version__,
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "rank": RANK, "ceilings": ceil, "checks": checks, "rows": rows,
