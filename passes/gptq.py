@@ -66,7 +66,7 @@ class _Quantizer:
         if self.group == -1:
             return self.s * (q - self.z)
         g = j // self.group
-        return self.s1 * (q - self.z2[:, g]) * self.s2[:, g]
+        return self.s1 * ((q - self.z2[:, g]) * self.s2[:, g])  # integer first, as the kernel
 
     def build(self, q: torch.Tensor) -> QuantizedWeight:
         """Pack codes [N, K] the way passes.quantize does (padding groups: scale 1, zero 0)."""
@@ -108,8 +108,33 @@ def quantize_rtn(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None =
             g = g0 // step
             w8 = _round(w[:, cols] / quant.s1[:, None]).clamp_(-quant.pr, quant.pr)
             q[:, cols] = (_round(w8 / quant.s2[:, g, None]) + quant.z2[:, g, None]).clamp_(0, 15)
-            deq[:, cols] = quant.s1[:, None] * (q[:, cols] - quant.z2[:, g, None]) * quant.s2[:, g, None]
+            deq[:, cols] = quant.s1[:, None] * ((q[:, cols] - quant.z2[:, g, None]) * quant.s2[:, g, None])
     return quant.build(q), deq
+
+
+def fake_quantize(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """What `quantize_rtn(...)[1]` returns, vectorized over groups (for searches that call it often)."""
+    w = w.detach().float()
+    N, K = w.shape
+    r = (clip.float() if clip is not None else torch.ones(N))[:, None]
+    if config.weight_group_size == -1:
+        wmax = w.amax(dim=1, keepdim=True).clamp_min(0) * r
+        wmin = w.amin(dim=1, keepdim=True).clamp_max(0) * r
+        s = ((wmax - wmin) / 15).clamp_min(_TINY)
+        z = _round(-wmin / s).clamp_(0, 15)
+        return s * ((_round(w / s) + z).clamp_(0, 15) - z)
+    G, pr = config.weight_group_size, config.protective_range
+    s1 = w.abs().amax(dim=1, keepdim=True).clamp_min(_TINY) / pr
+    Kp = cdiv(K, G) * G
+    w8 = torch.zeros(N, Kp)
+    w8[:, :K] = _round(w / s1).clamp_(-pr, pr)
+    g = w8.view(N, Kp // G, G)
+    gmax = g.amax(dim=2, keepdim=True).clamp_min(0) * r[..., None]
+    gmin = g.amin(dim=2, keepdim=True).clamp_max(0) * r[..., None]
+    s2 = torch.ceil((gmax - gmin) / 15).clamp_min(1)
+    z = _round(-gmin / s2).clamp_(0, 15)
+    deq = ((_round(g / s2) + z).clamp_(0, 15) - z) * s2
+    return deq.view(N, Kp)[:, :K] * s1
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, config: QoQConfig, ratios=CLIP_RATIOS) -> torch.Tensor:
@@ -118,7 +143,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, config: QoQConfig, ratios=CLIP
     best_err = torch.full((w.shape[0],), float("inf"))
     best = torch.ones(w.shape[0])
     for r in ratios:
-        _, deq = quantize_rtn(w, config, torch.full((w.shape[0],), float(r)))
+        deq = fake_quantize(w, config, torch.full((w.shape[0],), float(r)))
         err = (x @ (w - deq).t()).pow(2).sum(dim=0)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

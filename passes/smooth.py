@@ -10,7 +10,8 @@ import torch.fx as fx
 
 from lowering.activation_quant import quantize_act_int8_reference
 from passes.match import LinearMatch
-from passes.quantize import quantize_weight, skip_reason
+from passes.gptq import fake_quantize
+from passes.quantize import skip_reason
 from passes.scale_groups import (ScaleGroup, find_scale_groups, linear_bias, linear_weight,
                                  set_linear_weight)
 from qcompile.calibrate_api import transform_inputs
@@ -33,7 +34,7 @@ def fake_quant_output_error(x: torch.Tensor, weights: list[torch.Tensor], config
     err = 0.0
     for w in weights:
         ws = w * divide if divide is not None else w
-        wq = quantize_weight(ws, config).dequantize()
+        wq = fake_quantize(ws, config)
         err += float((xq @ wq.t() - ref_x @ w.t()).pow(2).sum())
     return err
 
