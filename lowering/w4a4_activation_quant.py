@@ -4,6 +4,8 @@ SVDQuant's W4A4 GEMM, with the low-rank down-projection X̂·L_down fused so X i
 Format (the same as the weights' in `lowering.w4a4_gemm`): per (token, group of 64) symmetric
 scale `s = absmax / 7`, codes `q = clamp(floor(x / s + 0.5), -8, 7)`, two's-complement nibbles
 packed two a byte along K (low nibble = even k), K padded with zeros to a multiple of 64.
+Unsigned option (inputs known to be ≥ −shift, e.g. after GELU): x + shift is quantized to uint4,
+`s = max / 15`, `q = clamp(floor(v / s + 0.5), 0, 15)`; the GEMM folds shift·W into the bias.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from lowering.dispatch import cdiv, interpreter_enabled, use_triton
 
 GROUP = 64          # values per quantization group along K
 QMAX = 7            # symmetric int4: scale = absmax / 7, codes in [-7, 7] (clamped to [-8, 7])
+UMAX = 15           # unsigned int4 (shifted activations): scale = max / 15, codes in [0, 15]
+# SVDQuant's shift for activations after GELU: min GELU(x) ≈ −0.16997 (tanh form −0.17004), and
+# 11/64 is exact in every float format.
+GELU_SHIFT = 0.171875
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,6 +42,30 @@ def quantize_groups_int4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).view(rows, kp), scale
 
 
+def quantize_groups_uint4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, K] float, ≥ 0 -> (uint8 codes [R, Kp] in [0, 15], fp32 scales [R, Kp/64]).
+
+    Negative inputs (outside the promised range) are clamped to 0.
+    """
+    rows, k = x.shape
+    kp = cdiv(k, GROUP) * GROUP
+    xf = torch.nn.functional.pad(x.float(), (0, kp - k)).clamp_min(0).view(rows, kp // GROUP, GROUP)
+    scale = xf.amax(dim=-1) / UMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.floor(xf / safe[..., None] + 0.5).clamp_(0, UMAX)
+    return q.to(torch.uint8).view(rows, kp), scale
+
+
+def pack_uint4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [R, Kp] in [0, 15] -> uint8 [R, Kp/2], low nibble = even k."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_uint4`."""
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 codes [R, Kp] in [-8, 7] (Kp even) -> uint8 [R, Kp/2], low nibble = even k."""
     q = q.to(torch.int16)
@@ -52,17 +82,23 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((lo, hi), dim=-1).reshape(p.shape[0], -1).to(torch.int8)
 
 
-def reference(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Tensor | None
+def reference(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Tensor | None,
+              shift: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Plain-torch `w4a4_quantize_act` on [R, K]; see the op for the meaning of the arguments."""
     xs = x.float() * smooth_inv.float() if smooth_inv is not None else x.float()
-    q, scale = quantize_groups_int4(xs)
+    if shift is not None:
+        q, scale = quantize_groups_uint4(xs + shift.float())
+        packed = pack_uint4(q)
+    else:
+        q, scale = quantize_groups_int4(xs)
+        packed = pack_int4(q)
     if l_down is not None and l_down.shape[1] > 0:
         # The branch sees the smoothed activation in the model's 16-bit dtype, as the kernel does.
         lr = (xs.to(x.dtype).float() @ l_down.to(x.dtype).float()).to(x.dtype)
     else:
         lr = x.new_empty((x.shape[0], 0 if l_down is None else l_down.shape[1]))
-    return pack_int4(q), scale, lr
+    return packed, scale, lr
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +110,7 @@ def reference(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Te
 @triton.jit
 def _quantize_act_kernel(
     # inputs
-    X, SMOOTH, LDOWN,
+    X, SMOOTH, LDOWN, SHIFT,
     # outputs
     QOUT, SCALE, LR,
     # sizes
@@ -82,6 +118,7 @@ def _quantize_act_kernel(
     # strides (elements)
     stride_xm, stride_qm, stride_sm, stride_ldk, stride_lrm,
     HAS_SMOOTH: tl.constexpr, HAS_LR: tl.constexpr, LR_IEEE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, GROUPS: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = GROUPS * 64
@@ -102,13 +139,21 @@ def _quantize_act_kernel(
         if HAS_SMOOTH:
             sm = tl.load(SMOOTH + offs_k, mask=mask_k, other=0.0).to(tl.float32)
             x = x * sm[None, :]
-        xg = tl.reshape(x, (BLOCK_M, GROUPS, 64))
         # IEEE division in both places so codes match the reference bit for bit
         # (Triton's plain `/` on fp32 is an approximate division on the GPU).
-        scale = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), 7.0)
-        safe = tl.where(scale > 0, scale, 1.0)
-        q = tl.floor(tl.math.div_rn(xg, safe[:, :, None]) + 0.5)
-        q = tl.minimum(tl.maximum(q, -8.0), 7.0).to(tl.int32)
+        if HAS_SHIFT:
+            c = tl.load(SHIFT + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xg = tl.reshape(tl.maximum(x + c[None, :], 0.0), (BLOCK_M, GROUPS, 64))
+            scale = tl.math.div_rn(tl.max(xg, axis=2), 15.0)
+            safe = tl.where(scale > 0, scale, 1.0)
+            q = tl.floor(tl.math.div_rn(xg, safe[:, :, None]) + 0.5)
+            q = tl.minimum(q, 15.0).to(tl.int32)
+        else:
+            xg = tl.reshape(x, (BLOCK_M, GROUPS, 64))
+            scale = tl.math.div_rn(tl.max(tl.abs(xg), axis=2), 7.0)
+            safe = tl.where(scale > 0, scale, 1.0)
+            q = tl.floor(tl.math.div_rn(xg, safe[:, :, None]) + 0.5)
+            q = tl.minimum(tl.maximum(q, -8.0), 7.0).to(tl.int32)
         lo, hi = tl.split(tl.reshape(q, (BLOCK_M, BLOCK_K // 2, 2)))
         packed = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
         offs_b = k0 // 2 + offs_bb
@@ -140,7 +185,7 @@ def _launch_config(m: int) -> dict:
 
 
 def triton_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None,
-                        l_down: torch.Tensor | None
+                        l_down: torch.Tensor | None, shift: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel on [R, K]; the same results as `reference` (codes bit-exact)."""
     x = x.contiguous()
@@ -154,6 +199,8 @@ def triton_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None,
         return q, scale, lr
     if smooth_inv is not None:
         smooth_inv = smooth_inv.to(torch.float32).contiguous()
+    if shift is not None:
+        shift = shift.to(torch.float32).contiguous()
     if l_down is not None and r == 0:
         l_down = None
     if l_down is not None:
@@ -161,11 +208,13 @@ def triton_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None,
     cfg = _launch_config(m)
     _quantize_act_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
         x, smooth_inv if smooth_inv is not None else x, l_down if l_down is not None else x,
+        shift if shift is not None else x,
         q, scale, lr,
         m, k, r, g,
         x.stride(0), q.stride(0), scale.stride(0), l_down.stride(0) if l_down is not None else 0,
         lr.stride(0) if r else 0,
         HAS_SMOOTH=smooth_inv is not None, HAS_LR=l_down is not None,
+        HAS_SHIFT=shift is not None,
         # fp32 inputs must not go through tf32; and the interpreter's bf16 tl.dot is wrong (triton
         # 3.9), so there the 16-bit operands are widened first (products of 16-bit values are
         # exact in fp32, so nothing changes but speed).
@@ -179,8 +228,12 @@ def triton_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None,
 # The op.
 # --------------------------------------------------------------------------------------------
 
-def _check(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Tensor | None) -> None:
+def _check(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Tensor | None,
+           shift: torch.Tensor | None = None) -> None:
     k = x.shape[-1]
+    if shift is not None and shift.shape != (k,):
+        raise ValueError(f"w4a4_quantize_act: shift has shape {tuple(shift.shape)}, expected "
+                         f"({k},) to match x's last dimension")
     if not x.is_floating_point():
         raise TypeError(f"w4a4_quantize_act: x must be a float tensor, got {x.dtype}")
     if smooth_inv is not None and smooth_inv.shape != (k,):
@@ -193,27 +246,31 @@ def _check(x: torch.Tensor, smooth_inv: torch.Tensor | None, l_down: torch.Tenso
 
 @torch.library.custom_op("qoq::w4a4_quantize_act", mutates_args=())
 def w4a4_quantize_act(x: torch.Tensor, smooth_inv: torch.Tensor | None = None,
-                      l_down: torch.Tensor | None = None, kernels: str = "auto"
+                      l_down: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                      kernels: str = "auto"
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize activations x [..., K] to W4A4's int4 format and run the low-rank down-projection.
 
     smooth_inv: optional [K] factor x is multiplied by first (SVDQuant smoothing that no producer
-    could absorb). l_down: optional [K, r] down-projection of the low-rank branch.
+    could absorb). l_down: optional [K, r] down-projection of the low-rank branch, applied to the
+    smoothed x. shift: optional [K] offset ≥ 0 for inputs known to be ≥ −shift (after GELU): the
+    codes are then unsigned, of x·smooth_inv + shift, and `qoq::w4a4_gemm` must be told
+    (a_unsigned=True) and given a bias with shift·W taken out.
     Returns (codes uint8 [..., Kp/2], scales fp32 [..., Kp/64], X̂·L_down [..., r] in x's dtype;
     [..., 0] when l_down is None), Kp = K rounded up to a multiple of 64.
     """
-    _check(x, smooth_inv, l_down)
+    _check(x, smooth_inv, l_down, shift)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     fn = triton_quantize_act if use_triton(x, kernels) else reference
-    q, scale, lr = fn(x2, smooth_inv, l_down)
+    q, scale, lr = fn(x2, smooth_inv, l_down, shift)
     return (q.view(*lead, q.shape[-1]), scale.view(*lead, scale.shape[-1]),
             lr.view(*lead, lr.shape[-1]))
 
 
 @w4a4_quantize_act.register_fake
-def _(x, smooth_inv=None, l_down=None, kernels="auto"):
-    _check(x, smooth_inv, l_down)
+def _(x, smooth_inv=None, l_down=None, shift=None, kernels="auto"):
+    _check(x, smooth_inv, l_down, shift)
     lead = x.shape[:-1]
     g = cdiv(x.shape[-1], GROUP)
     r = l_down.shape[1] if l_down is not None else 0

@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 from lowering.dispatch import cdiv, interpreter_enabled, use_triton
-from lowering.w4a4_activation_quant import GROUP, pack_int4, quantize_groups_int4, unpack_int4
+from lowering.w4a4_activation_quant import (
+    GROUP, pack_int4, quantize_groups_int4, unpack_int4, unpack_uint4,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,10 +50,10 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, k: int | None = None) 
 
 def reference(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               lr_act: torch.Tensor | None, l_up: torch.Tensor | None, bias: torch.Tensor | None,
-              out_dtype: torch.dtype) -> torch.Tensor:
+              out_dtype: torch.dtype, a_unsigned: bool = False) -> torch.Tensor:
     """y[m,n] = Σ_g sa[m,g]·sw[n,g]·Σ_{k∈g} qa[m,k]·qw[n,k]  + (X̂·L_down)[m]·L_up[:,n] + bias[n]."""
     m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
-    qa = unpack_int4(a).view(m, g, GROUP).to(torch.float64)
+    qa = (unpack_uint4(a) if a_unsigned else unpack_int4(a)).view(m, g, GROUP).to(torch.float64)
     qw = unpack_int4(w).view(n, g, GROUP).to(torch.float64)
     sa, sw = a_scale.float(), w_scale.float()
     y = torch.zeros((m, n), dtype=torch.float32, device=a.device)
@@ -74,7 +76,26 @@ def reference(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
 # exact (|256·64·64| < 2^24, so the fp32 conversion is exact too), and the 1/256 is one multiply
 # in the epilogue. On the GPU the same three instructions run on four bytes at a time in inline
 # PTX (UNPACK_ASM); the pure-Triton path gives the same bits and is what the interpreter runs.
+# Unsigned activations (0..15, after GELU) cannot be 16·q in an int8 lane: they are unpacked
+# plainly, and the epilogue factor is 1/16 (only the weights carry the 16).
 # --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _unpack_plain(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
+    """uint8 [ROWS, 32] -> int8 [ROWS, 64] holding unsigned nibbles q in [0, 15]."""
+    if UNPACK_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            asm="""{
+            and.b32 $0, $2, 0x0F0F0F0F;
+            shr.b32 $1, $2, 4;
+            and.b32 $1, $1, 0x0F0F0F0F;
+            }""",
+            constraints="=r,=r,r", args=[b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        lo = (b & 0x0F).to(tl.uint8).to(tl.int8, bitcast=True)
+        hi = (b >> 4).to(tl.uint8).to(tl.int8, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (ROWS, 64))
+
 
 @triton.jit
 def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
@@ -105,7 +126,7 @@ def _w4a4_gemm_kernel(
     # strides (elements)
     stride_am, stride_sam, stride_wn, stride_swn, stride_lrm, stride_lur, stride_om,
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
-    UNPACK_ASM: tl.constexpr,
+    UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -134,7 +155,10 @@ def _w4a4_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, G):
-        a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+        if A_UNSIGNED:
+            a8 = _unpack_plain(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+        else:
+            a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
         w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM)
         part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
         sa = tl.load(sa_ptr)
@@ -144,7 +168,10 @@ def _w4a4_gemm_kernel(
         w_ptr += 32
         sa_ptr += 1
         sw_ptr += 1
-    acc = acc * (1.0 / 256.0)
+    if A_UNSIGNED:
+        acc = acc * (1.0 / 16.0)
+    else:
+        acc = acc * (1.0 / 256.0)
 
     if HAS_LR:
         offs_r = tl.arange(0, BLOCK_R)
@@ -174,14 +201,15 @@ GPU_CONFIGS = [
 _INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2}
 
 _w4a4_gemm_tuned = triton.autotune(
-    configs=GPU_CONFIGS, key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM"],
+    configs=GPU_CONFIGS, key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED"],
 )(_w4a4_gemm_kernel)
 
 
 def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                 lr_act: torch.Tensor | None, l_up: torch.Tensor | None,
                 bias: torch.Tensor | None, out_dtype: torch.dtype,
-                unpack_asm: bool | None = None, config: dict | None = None) -> torch.Tensor:
+                unpack_asm: bool | None = None, config: dict | None = None,
+                a_unsigned: bool = False) -> torch.Tensor:
     """Launch the kernel on 2-D operands; the same result as `reference` within fp32 rounding.
 
     unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. config: a fixed tile
@@ -213,7 +241,7 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     flags = dict(HAS_LR=has_lr, HAS_BIAS=bias is not None,
                  # fp32 must not become tf32; the interpreter's 16-bit tl.dot is wrong (triton 3.9)
                  LR_IEEE=has_lr and (lr_act.dtype == torch.float32 or interpreter_enabled()),
-                 UNPACK_ASM=unpack_asm,
+                 UNPACK_ASM=unpack_asm, A_UNSIGNED=a_unsigned,
                  BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
     if config is None and interpreter_enabled():
         config = dict(_INTERP_CONFIG)
@@ -257,12 +285,15 @@ def _check(a, a_scale, w, w_scale, lr_act, l_up, bias) -> None:
 @torch.library.custom_op("qoq::w4a4_gemm", mutates_args=())
 def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               lr_act: torch.Tensor | None, l_up: torch.Tensor | None, bias: torch.Tensor | None,
-              out_dtype: torch.dtype, kernels: str = "auto") -> torch.Tensor:
+              out_dtype: torch.dtype, a_unsigned: bool = False, kernels: str = "auto"
+              ) -> torch.Tensor:
     """y = dequant(a)·dequant(w)ᵀ + lr_act·l_up + bias, [..., N] in out_dtype.
 
     a [..., Kp/2] uint8 and a_scale [..., Kp/64] fp32 come from `qoq::w4a4_quantize_act`;
     w [N, Kp/2] uint8 and w_scale [N, Kp/64] from `quantize_weight`; lr_act [..., r] = X̂·L_down
     (the third output of the quantize op) and l_up [r, N] are the low-rank branch, bias [N].
+    a_unsigned: a holds unsigned codes (quantize op given a shift); bias must then already
+    include −shift·dequant(w)ᵀ.
     """
     _check(a, a_scale, w, w_scale, lr_act, l_up, bias)
     lead = a.shape[:-1]
@@ -272,13 +303,15 @@ def w4a4_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         lr2, l_up = None, None
     else:
         lr2 = lr_act.reshape(-1, lr_act.shape[-1])
-    fn = triton_gemm if use_triton(a, kernels) else reference
-    y = fn(a2, sa2, w, w_scale, lr2, l_up, bias, out_dtype)
+    if use_triton(a, kernels):
+        y = triton_gemm(a2, sa2, w, w_scale, lr2, l_up, bias, out_dtype, a_unsigned=a_unsigned)
+    else:
+        y = reference(a2, sa2, w, w_scale, lr2, l_up, bias, out_dtype, a_unsigned)
     return y.view(*lead, w.shape[0])
 
 
 @w4a4_gemm.register_fake
-def _(a, a_scale, w, w_scale, lr_act, l_up, bias, out_dtype, kernels="auto"):
+def _(a, a_scale, w, w_scale, lr_act, l_up, bias, out_dtype, a_unsigned=False, kernels="auto"):
     _check(a, a_scale, w, w_scale, lr_act, l_up, bias)
     return a.new_empty((*a.shape[:-1], w.shape[0]), dtype=out_dtype)
 
@@ -286,8 +319,21 @@ def _(a, a_scale, w, w_scale, lr_act, l_up, bias, out_dtype, kernels="auto"):
 def w4a4_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                 l_down: torch.Tensor | None = None, l_up: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, smooth_inv: torch.Tensor | None = None,
-                kernels: str = "auto") -> torch.Tensor:
-    """The two ops as the lowering pass emits them: x [..., K] -> [..., N] in x's dtype."""
-    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, smooth_inv, l_down, kernels)
+                shift: torch.Tensor | None = None, kernels: str = "auto") -> torch.Tensor:
+    """The two ops as the lowering pass emits them: x [..., K] -> [..., N] in x's dtype.
+
+    With `shift` (unsigned activations), `bias` must be `shifted_bias(...)`'s.
+    """
+    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, smooth_inv, l_down, shift, kernels)
     return torch.ops.qoq.w4a4_gemm(a, sa, w, w_scale, lr if l_down is not None else None,
-                                   l_up if l_down is not None else None, bias, x.dtype, kernels)
+                                   l_up if l_down is not None else None, bias, x.dtype,
+                                   shift is not None, kernels)
+
+
+def shifted_bias(bias: torch.Tensor | None, shift: torch.Tensor, w: torch.Tensor,
+                 w_scale: torch.Tensor) -> torch.Tensor:
+    """The bias for unsigned activations: the GEMM sees x + shift, so take shift·Ŵ back out
+    (Ŵ the dequantized weight: exactly what the GEMM multiplies the shift by), fp32 [N]."""
+    wq = dequantize(w, w_scale, shift.shape[0])
+    out = -(wq.double() @ shift.double()).float()
+    return out if bias is None else out + bias.float()

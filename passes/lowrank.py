@@ -18,8 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from lowering.w4a4_activation_quant import quantize_groups_int4
-from lowering.w4a4_gemm import dequantize, quantize_weight
+from lowering.w4a4_activation_quant import GELU_SHIFT, quantize_groups_int4, quantize_groups_uint4
+from lowering.w4a4_gemm import dequantize, quantize_weight, shifted_bias
 
 log = logging.getLogger("qoq")
 
@@ -48,6 +48,15 @@ def fake_quant_w4a4_act(x: torch.Tensor) -> torch.Tensor:
     q, s = quantize_groups_int4(x)
     g = s.shape[1]
     return (q.float().view(x.shape[0], g, -1) * s[..., None]).view(x.shape[0], -1)[:, : x.shape[1]]
+
+
+def fake_quant_w4a4_act_unsigned(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """X [T, K] ≥ −shift -> unsigned int4 g64 of x + shift, shifted back (the GEMM's bias does)."""
+    xs = x + shift.to(x.device)
+    q, s = quantize_groups_uint4(xs)
+    g = s.shape[1]
+    deq = (q.float().view(x.shape[0], g, -1) * s[..., None]).view(x.shape[0], -1)[:, : x.shape[1]]
+    return deq - shift.to(x.device)
 
 
 def fake_quant_w4a8_weight(w: torch.Tensor, group_size: int = 128) -> torch.Tensor:
@@ -191,11 +200,12 @@ def search_smoothing(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | 
                      rank: int = DEFAULT_RANK, *, alphas: Sequence[float] = DEFAULT_ALPHAS,
                      betas: Sequence[float] = DEFAULT_BETAS,
                      weight_fq: FakeQuant = fake_quant_w4a4_weight,
-                     act_fq: FakeQuant | None = fake_quant_w4a4_act, svd: str = "auto"
-                     ) -> SmoothingSearch:
+                     act_fq: FakeQuant | None = fake_quant_w4a4_act, svd: str = "auto",
+                     act_shift: torch.Tensor | None = None) -> SmoothingSearch:
     """Grid over (α, β), each scored on the output error with the rank-r branch (one plain SVD,
     no refit: the ranking is what matters) and quantization applied. (0, 0) is no smoothing, so
-    the winner never scores worse than leaving the layer unsmoothed."""
+    the winner never scores worse than leaving the layer unsmoothed. act_shift [K]: inputs are
+    ≥ −act_shift (after GELU) and quantized unsigned; x/λ then needs act_shift/λ."""
     w = w.float()
     x = x.float().to(w.device)
     if x_absmax is None:
@@ -211,12 +221,21 @@ def search_smoothing(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | 
             w.shape[1], device=w.device)
         ws = w * lam
         l_down, l_up = top_r(ws, rank, svd)
-        err = output_error(x / lam, ws, l_down, l_up, ws - (l_down @ l_up).T, weight_fq, act_fq,
-                           y_ref)
+        err = output_error(x / lam, ws, l_down, l_up, ws - (l_down @ l_up).T, weight_fq,
+                           _shifted(act_fq, act_shift, lam), y_ref)
         scores[(a, b)] = err
         if best is None or err < scores[best[:2]]:
             best = (a, b, lam)
     return SmoothingSearch(best[0], best[1], best[2], scores)
+
+
+def _shifted(act_fq: FakeQuant | None, act_shift: torch.Tensor | None, lam: torch.Tensor
+             ) -> FakeQuant | None:
+    """The activation fake quantizer for x/λ when the inputs are quantized unsigned."""
+    if act_shift is None or act_fq is not fake_quant_w4a4_act:
+        return act_fq
+    shift = act_shift.float().to(lam.device) / lam
+    return lambda x: fake_quant_w4a4_act_unsigned(x, shift)
 
 
 @dataclass
@@ -230,6 +249,7 @@ class SVDQuantLinear:
     beta: float
     errors: list[float]         # refit history (relative output error)
     error_rtn: float            # the same layer quantized round-to-nearest, no smoothing/branch
+    act_shift: Optional[torch.Tensor] = None    # [K] in the smoothed space: unsigned activations
 
     @property
     def error(self) -> float:
@@ -240,22 +260,27 @@ def svdquant_linear(w: torch.Tensor, x: torch.Tensor, x_absmax: torch.Tensor | N
                     rank: int = DEFAULT_RANK, *, fmt: str = "w4a4", group_size: int = 128,
                     alphas: Sequence[float] = DEFAULT_ALPHAS,
                     betas: Sequence[float] = DEFAULT_BETAS, max_iters: int = 20,
-                    svd: str = "auto") -> SVDQuantLinear:
+                    svd: str = "auto", act_shift: torch.Tensor | None = None) -> SVDQuantLinear:
     """Smoothing search, then the low-rank fit with quantization in the loop, for W [N, K] on
     calibration rows x [T, K] (x_absmax [K]: the absmax over all calibration tokens, when the
-    rows are a sample). fmt: the residual's format, "w4a4" or "w4a8" (group_size for w4a8)."""
+    rows are a sample). fmt: the residual's format, "w4a4" or "w4a8" (group_size for w4a8).
+    act_shift [K] (W4A4 only): the inputs are ≥ −act_shift and quantized unsigned (after GELU).
+    RTN is always the signed format, unsmoothed, with no branch."""
     weight_fq, act_fq = fake_quants(fmt, group_size)
+    if fmt != "w4a4":
+        act_shift = None
     w = w.float()
     x = x.float().to(w.device)
     error_rtn = output_error(x, w, w.new_zeros((w.shape[1], 0)), w.new_zeros((0, w.shape[0])), w,
                              weight_fq, act_fq)
     found = search_smoothing(w, x, x_absmax, rank, alphas=alphas, betas=betas,
-                             weight_fq=weight_fq, act_fq=act_fq, svd=svd)
+                             weight_fq=weight_fq, act_fq=act_fq, svd=svd, act_shift=act_shift)
     lam = found.smooth
-    fit = fit_lowrank(w * lam, x / lam, rank, weight_fq=weight_fq, act_fq=act_fq,
-                      max_iters=max_iters, svd=svd)
+    fit = fit_lowrank(w * lam, x / lam, rank, weight_fq=weight_fq,
+                      act_fq=_shifted(act_fq, act_shift, lam), max_iters=max_iters, svd=svd)
     return SVDQuantLinear(lam, fit.l_down, fit.l_up, fit.residual, found.alpha, found.beta,
-                          fit.errors, error_rtn)
+                          fit.errors, error_rtn,
+                          None if act_shift is None else act_shift.float().to(lam.device) / lam)
 
 
 def svdquant_shared(ws: Sequence[torch.Tensor], x: torch.Tensor,
@@ -303,6 +328,7 @@ class SVDQuantOptions:
                                     # "fp": left alone
     skip: tuple[str, ...] = SKIP_16BIT
     adaln_patterns: tuple[str, ...] = ADALN
+    unsigned_after_gelu: bool = True  # W4A4: inputs produced by GELU are quantized unsigned
     kernels: str = "auto"
 
     @classmethod
@@ -345,6 +371,23 @@ def _matches(fqn: str, patterns: Sequence[str]) -> Optional[str]:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
+_GELU = {torch._C._nn.gelu, torch.nn.functional.gelu}
+_DROPOUT = {torch.nn.functional.dropout, torch.dropout}
+
+
+def reads_gelu(x: fx.Node) -> bool:
+    """True when x is GELU's output, seen through inference-mode dropout."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _DROPOUT:
+        training = x.args[2] if len(x.args) > 2 else x.kwargs.get("training", True)
+        if training is not False:
+            return False
+        x = x.args[0]
+    if not isinstance(x, fx.Node):
+        return False
+    return (x.op == "call_function" and x.target in _GELU) or (
+        x.op == "call_method" and x.target == "gelu")
+
+
 def _weight_nk(qgraph, m) -> torch.Tensor:
     w = qgraph.weight(m.weight)
     return w.t() if m.weight_transposed else w
@@ -383,19 +426,26 @@ def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
     smooth_inv = qgraph.add_constant(f"{stem}.smooth_inv", (1.0 / joint.smooth).float(), first.node)
     rank = joint.l_down.shape[1]
     l_down = qgraph.add_constant(f"{stem}.l_down", joint.l_down.to(dtype), first.node) if rank else None
+    unsigned = joint.act_shift is not None
+    shift = qgraph.add_constant(f"{stem}.shift", joint.act_shift.float(), first.node) if unsigned else None
     with graph.inserting_before(first.node):
         quant = graph.call_function(torch.ops.qoq.w4a4_quantize_act.default,
-                                    (first.x, smooth_inv, l_down, opts.kernels))
+                                    (first.x, smooth_inv, l_down, shift, opts.kernels))
         a, sa, lr = (graph.call_function(operator.getitem, (quant, i)) for i in range(3))
     for m, (l_up, residual) in zip(group, parts):
         packed, scale = quantize_weight(residual)
         c_w = qgraph.add_constant(f"{m.fqn}.qweight", packed, m.node)
         c_s = qgraph.add_constant(f"{m.fqn}.wscale", scale, m.node)
         c_u = qgraph.add_constant(f"{m.fqn}.l_up", l_up.to(dtype).contiguous(), m.node) if rank else None
+        bias = m.bias
+        if unsigned:   # the GEMM sees x̂ + shift: take shift·Ŵ out of the bias
+            b = qgraph.weight(m.bias) if m.bias is not None else None
+            bias = qgraph.add_constant(f"{m.fqn}.bias_shifted",
+                                       shifted_bias(b, joint.act_shift, packed, scale), m.node)
         with graph.inserting_before(m.node):
             y = graph.call_function(torch.ops.qoq.w4a4_gemm.default,
-                                    (a, sa, c_w, c_s, lr if rank else None, c_u, m.bias,
-                                     _out_dtype(m.node, m.x), opts.kernels))
+                                    (a, sa, c_w, c_s, lr if rank else None, c_u, bias,
+                                     _out_dtype(m.node, m.x), unsigned, opts.kernels))
         _replace(qgraph, m, y)
 
 
@@ -484,10 +534,15 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
         layer_stats = stats.get(group[0].fqn)
         ws = [_weight_nk(qgraph, m).float() for m in group]
         x = layer_stats.samples.float().to(ws[0].device)
+        # Unsigned activations need the bias as a value to fold shift·W into.
+        unsigned = (opts.unsigned_after_gelu and opts.residual == "w4a4" and reads_gelu(x_node)
+                    and all(m.bias is None or qgraph.weight_ref(m.bias) is not None
+                            for m in group))
+        act_shift = torch.full((x.shape[1],), GELU_SHIFT, device=x.device) if unsigned else None
         joint, parts = svdquant_shared(
             ws, x, layer_stats.absmax, opts.rank, fmt=opts.residual,
             group_size=opts.w4a8_group_size, alphas=opts.alphas, betas=opts.betas,
-            max_iters=opts.max_iters, svd=opts.svd)
+            max_iters=opts.max_iters, svd=opts.svd, act_shift=act_shift)
         lower(qgraph, group, joint, parts, opts)
         fqns = [m.fqn for m in group]
         log.info("qoq svdquant: %s rank %d α=%.2f β=%.2f output error %.2e (RTN %.2e)",
@@ -497,7 +552,7 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
             "rank": joint.l_down.shape[1], "alpha": joint.alpha, "beta": joint.beta,
             "residual": opts.residual, "refits": len(joint.errors) - 1,
             "output_rel_sq_error": joint.error, "output_rel_sq_error_rtn": joint.error_rtn,
-            "shared_down_projection": len(group) > 1}))
+            "shared_down_projection": len(group) > 1, "unsigned_activations": unsigned}))
     return decisions
 
 

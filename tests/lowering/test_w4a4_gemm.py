@@ -6,9 +6,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lowering.w4a4_activation_quant import GROUP, pack_int4, reference as quant_reference
+from lowering.w4a4_activation_quant import (
+    GELU_SHIFT, GROUP, pack_int4, pack_uint4, reference as quant_reference,
+)
 from lowering.w4a4_gemm import (
-    dequantize, quantize_weight, reference, triton_gemm, w4a4_gemm, w4a4_linear,
+    dequantize, quantize_weight, reference, shifted_bias, triton_gemm, w4a4_gemm, w4a4_linear,
 )
 
 
@@ -29,21 +31,24 @@ def test_weight_quantization_error_within_half_a_step(n, k, seed, scale_dtype):
 
 
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 200),
-       r=st.sampled_from([0, 7, 16, 32]), bias=st.booleans(),
+       r=st.sampled_from([0, 7, 16, 32]), bias=st.booleans(), unsigned=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        seed=st.integers(0, 2**31 - 1))
-def test_triton_matches_reference(m, n, k, r, bias, dtype, seed):
+def test_triton_matches_reference(m, n, k, r, bias, unsigned, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    shift = torch.full((k,), GELU_SHIFT) if unsigned else None
+    if unsigned:
+        x = torch.nn.functional.gelu(x)
     w = torch.randn(n, k, generator=g)
     ld = (torch.randn(k, r, generator=g) * 0.2).to(dtype) if r else None
     lu = (torch.randn(r, n, generator=g) * 0.2).to(dtype) if r else None
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    a, sa, lr = quant_reference(x, None, ld)
+    a, sa, lr = quant_reference(x, None, ld, shift)
     wp, ws = quantize_weight(w)
     lr = lr if r else None
-    yt = triton_gemm(a, sa, wp, ws, lr, lu, b, dtype)
-    yr = reference(a, sa, wp, ws, lr, lu, b, dtype)
+    yt = triton_gemm(a, sa, wp, ws, lr, lu, b, dtype, a_unsigned=unsigned)
+    yr = reference(a, sa, wp, ws, lr, lu, b, dtype, a_unsigned=unsigned)
     assert yt.shape == (m, n) and yt.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(yt.float(), yr.float(), rtol=tol, atol=tol * float(yr.abs().max()))
@@ -63,6 +68,28 @@ def test_integer_sums_are_bit_exact(m, n, groups, seed):
     assert torch.equal(yt, exact.float())
     assert torch.equal(reference(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None,
                                  torch.float32), exact.float())
+    ua = torch.randint(0, 16, (m, groups * GROUP), generator=g, dtype=torch.uint8)
+    yu = triton_gemm(pack_uint4(ua), sa, pack_int4(qw), sw, None, None, None, torch.float32,
+                     a_unsigned=True)
+    assert torch.equal(yu, (ua.long() @ qw.long().T).float())
+
+
+def test_unsigned_activations_after_gelu_are_more_accurate_and_unbiased():
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.functional.gelu(torch.randn(32, 256, generator=g) * 2)
+    w = torch.randn(40, 256, generator=g)
+    b = torch.randn(40, generator=g)
+    wp, ws = quantize_weight(w, torch.float32)
+    exact_w = x @ dequantize(wp, ws, 256).T + b     # isolates the activation error
+    signed = w4a4_linear(x, wp, ws, bias=b, kernels="triton")
+    shift = torch.full((256,), GELU_SHIFT)
+    unsigned = w4a4_linear(x, wp, ws, bias=shifted_bias(b, shift, wp, ws), shift=shift,
+                           kernels="triton")
+    e_s = float((signed - exact_w).norm())
+    e_u = float((unsigned - exact_w).norm())
+    assert e_u < 0.75 * e_s, (e_u, e_s)
+    # The shift is taken back out exactly: no systematic offset is left.
+    assert abs(float((unsigned - exact_w).mean())) < 0.1 * float((unsigned - exact_w).std())
 
 
 def test_gemm_approximates_the_float_linear_and_the_branch_is_exact_in_float():
@@ -86,12 +113,12 @@ def test_op_leading_dims_fake_and_opcheck():
     ld = (torch.randn(80, 16, generator=g) * 0.1).bfloat16()
     lu = (torch.randn(16, 24, generator=g) * 0.1).bfloat16()
     wp, ws = quantize_weight(torch.randn(24, 80, generator=g))
-    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, None, ld, "reference")
-    args = (a, sa, wp, ws, lr, lu, None, torch.bfloat16)
-    y = torch.ops.qoq.w4a4_gemm(*args, "triton")
+    a, sa, lr = torch.ops.qoq.w4a4_quantize_act(x, None, ld, kernels="reference")
+    args = (a, sa, wp, ws, lr, lu, None, torch.bfloat16, False)
+    y = torch.ops.qoq.w4a4_gemm(*args, kernels="triton")
     assert y.shape == (2, 5, 24) and y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, torch.ops.qoq.w4a4_gemm(*args, "reference"), rtol=1e-2,
-                               atol=1e-2)
+    torch.testing.assert_close(y, torch.ops.qoq.w4a4_gemm(*args, kernels="reference"),
+                               rtol=1e-2, atol=1e-2)
     torch.library.opcheck(torch.ops.qoq.w4a4_gemm.default, (*args, "reference"),
                           test_utils=("test_schema", "test_faketensor"))
 

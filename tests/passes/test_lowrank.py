@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowering.w4a4_activation_quant import GELU_SHIFT
 from passes.lowrank import (
     SVDQuantOptions, fake_quant_w4a4_act, fake_quant_w4a4_weight, fit_lowrank, module_name,
     output_error, search_smoothing, smoothing_factors, svdquant_linear, svdquant_shared, top_r,
@@ -104,6 +105,20 @@ def test_w4a8_residual_is_more_accurate_than_w4a4():
     assert svdquant_linear(w, x, fmt="w4a8", **kw).error < svdquant_linear(w, x, **kw).error
 
 
+def test_unsigned_activations_after_gelu_lower_the_error():
+    g = torch.Generator().manual_seed(8)
+    x = torch.nn.functional.gelu(torch.randn(128, 128, generator=g) * 2)
+    w = torch.randn(64, 128, generator=g)
+    kw = dict(rank=16, alphas=(0.0, 0.5), betas=(0.0,), max_iters=3)
+    signed = svdquant_linear(w, x, **kw)
+    unsigned = svdquant_linear(w, x, act_shift=torch.full((128,), GELU_SHIFT), **kw)
+    assert unsigned.act_shift is not None and signed.act_shift is None
+    assert unsigned.error < 0.75 * signed.error, (unsigned.error, signed.error)
+    # The shift follows the smoothing: the kernel adds act_shift to x/λ.
+    torch.testing.assert_close(unsigned.act_shift * unsigned.smooth,
+                               torch.full((128,), GELU_SHIFT), rtol=1e-5, atol=1e-7)
+
+
 def test_shared_down_projection_splits_back_into_the_linears():
     g = torch.Generator().manual_seed(6)
     x = torch.randn(64, 96, generator=g)
@@ -184,6 +199,9 @@ def test_pass_on_flux_beats_rtn_and_shares_down_projections():
     groups = [[module_name(f) for f in d.fqns] for d in decisions if d.kind == "lowrank"]
     assert ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
             "transformer_blocks.0.attn.to_v"] in groups
+    unsigned = {module_name(f) for d in decisions if d.kind == "lowrank"
+                and d.details["unsigned_activations"] for f in d.fqns}
+    assert unsigned == {"transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff_context.net.2"}
     targets = [n.target for n in seen["graph"].nodes if n.op == "call_function"]
     n_quant = targets.count(torch.ops.qoq.w4a4_quantize_act.default)
     n_gemm = targets.count(torch.ops.qoq.w4a4_gemm.default)
