@@ -28,7 +28,7 @@ import torch
 # Variants: name -> qoq options (None: the FP model). Each QoQ row adds one pass to the row above.
 VARIANTS: dict[str, dict | None] = {
     "fp": None,
-    "w4a8 (RTN, per-channel)": {"recipe": "w4a8"},
+    "w4a8 (RTN per-channel)": {"recipe": "w4a8"},
     "w4a8-g128 (RTN)": {"recipe": "w4a8-g128"},
     "+ smooth": {"recipe": "qoq", "smooth_attention": False, "reorder": False, "clip_search": False, "gptq": False},
     "+ smooth_attention": {"recipe": "qoq", "reorder": False, "clip_search": False, "gptq": False},
