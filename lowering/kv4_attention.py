@@ -62,7 +62,7 @@ def kv4_attention_reference(
     p = torch.exp(s - m)
     den = p.sum(-1, keepdim=True)
     out = (p @ v) / torch.where(den > 0, den, 1.0)
-    return out.to(q.dtype)
+    return out.to(q.dtype).contiguous()
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def kv4_attention_triton(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"kv4_attention: q dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
     if length == 0 or tq == 0:
         return out.zero_()
     pos = cache_position.to(device=q.device, dtype=torch.int64).contiguous()
@@ -285,4 +285,4 @@ def kv4_attention(
 @kv4_attention.register_fake
 def _kv4_attention_fake(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask=None, scale=None,
                         kernels="auto"):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous whatever q's strides (q often arrives transposed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from lowering.kv4_append import kv4_alloc, kv4_append, kv4_bits_per_element, kv4_dequantize
@@ -65,6 +66,27 @@ class KV4LayerBuffers:
         """Reorder/select along batch (beam search); in place so the buffers keep their identity."""
         for t in self.tensors():
             t.copy_(t.index_select(0, index.to(t.device)))
+
+
+_BUFFERS_BY_FP_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def kv4_buffers_for(fp_keys: torch.Tensor, fp_values: torch.Tensor) -> KV4LayerBuffers:
+    """The KV4 buffers that stand for one layer's FP static cache (K and V tensors of [B, Hkv, L, D]).
+
+    Every graph Dynamo compiles against the same cache tensors (prefill, decode, recompiles) must
+    write and read the same KV4 buffers, so they are kept per FP key tensor, for as long as it lives.
+    """
+    found = _BUFFERS_BY_FP_CACHE.get(fp_keys)
+    if found is not None:
+        return found
+    if fp_keys.shape != fp_values.shape or fp_keys.dim() != 4:
+        raise ValueError(f"KV4 needs K and V caches of the same [B, Hkv, L, D] shape, got "
+                         f"{tuple(fp_keys.shape)} and {tuple(fp_values.shape)}")
+    b, h, length, d = fp_keys.shape
+    buffers = KV4LayerBuffers.allocate(b, h, length, d, fp_keys.device)
+    _BUFFERS_BY_FP_CACHE[fp_keys] = buffers
+    return buffers
 
 
 def release_storage(t: torch.Tensor) -> None:
@@ -170,4 +192,4 @@ class KV4Cache(Cache):
         return 8 * self.nbytes / elements
 
 
-__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "release_storage"]
+__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "kv4_buffers_for", "release_storage"]

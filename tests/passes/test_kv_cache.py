@@ -1,0 +1,225 @@
+"""passes/kv_cache: static-cache writes + SDPA -> qoq.kv4_append / qoq.kv4_attention, on Dynamo graphs of
+a small transformers Llama with StaticCache and of small functions in each write/GQA spelling."""
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+
+from lowering.kv4_append import kv4_alloc, kv4_append
+from lowering.kv4_attention import kv4_attention
+from passes.kv_cache import kv_cache
+from qcompile.capture import capture
+from runtime.kv_cache import KV4Cache, kv4_buffers_for
+
+L = 32
+
+
+def _llama(layers: int = 2) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class _Backend:
+    """A torch.compile backend that runs the KV-cache pass and keeps what it did."""
+
+    def __init__(self, kernels: str = "reference", inductor: bool = False, **options):
+        self.kernels, self.inductor, self.options = kernels, inductor, options
+        self.results, self.graphs = [], []
+
+    def __call__(self, gm, example_inputs):
+        qgraph = capture(gm, example_inputs)
+        self.results.append(kv_cache(qgraph, kernels=self.kernels, **self.options))
+        self.graphs.append(qgraph.gm)
+        if self.inductor:
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(qgraph.gm, example_inputs)
+        return qgraph.gm.forward
+
+
+def _run_llama(backend: _Backend, steps: int = 3, batch: int = 2, prompt: int = 7):
+    """Prefill + greedy decode through the compiled model (StaticCache) and the eager model (KV4Cache)."""
+    model = _llama()
+    cache = StaticCache(model.config, max_cache_len=L)
+    # the cache tensors must be graph inputs from the first (prefill) graph on, as for any compiled prefill
+    cache.early_initialization(batch_size=batch, num_heads=2, head_dim=16, dtype=torch.float32, device="cpu")
+    eager_cache = KV4Cache(model.config, L, kernels="reference")
+    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    diffs = []
+    with torch.no_grad():
+        nxt = ids
+        for _ in range(steps + 1):
+            a = compiled(nxt, past_key_values=cache).logits
+            b = model(nxt, past_key_values=eager_cache).logits
+            diffs.append((a - b).abs().max().item())
+            nxt = a[:, -1:].argmax(-1)
+    return cache, diffs
+
+
+def test_llama_static_cache_is_rewritten_and_matches_eager_kv4():
+    backend = _Backend(kernels="reference")
+    cache, diffs = _run_llama(backend)
+    assert len(backend.results) == 2  # prefill graph, decode graph
+    for r, gm in zip(backend.results, backend.graphs):
+        assert r.rewritten == 2 and all(rec.quantized for rec in r.records)
+        ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.qoq.kv4_append.default) == 2
+        assert ops.count(torch.ops.qoq.kv4_attention.default) == 2
+        assert F.scaled_dot_product_attention not in ops and torch._C._nn.scaled_dot_product_attention not in ops
+        assert not any(n.op == "call_method" and n.target == "index_copy_" for n in gm.graph.nodes)
+        for name in r.dead_cache_inputs:
+            assert not next(n for n in gm.graph.nodes if n.name == name).users
+    # the compiled graph computes what the eager KV4 cache computes (both: attention over dequantized KV4)
+    assert max(diffs) < 1e-5, diffs
+    # and the FP cache was neither written nor read: prefill and decode met in the shared KV4 buffers
+    for layer in cache.layers:
+        assert not layer.keys.any() and not layer.values.any()
+        assert kv4_buffers_for(layer.keys, layer.values).k_data.any()
+
+
+@pytest.mark.slow
+def test_llama_triton_kernels_and_released_fp_cache():
+    backend = _Backend(kernels="triton", release_fp_cache=True)
+    cache, diffs = _run_llama(backend, steps=2, batch=1, prompt=5)
+    assert max(diffs) < 1e-4, diffs
+    assert len(backend.results) == 2  # releasing the FP storage did not trigger recompiles
+    released = [name for r in backend.results for name in r.released]
+    assert len(released) == 8
+    assert all(layer.keys.untyped_storage().nbytes() == 0 for layer in cache.layers)
+
+
+@pytest.mark.slow
+def test_llama_through_inductor():
+    backend = _Backend(kernels="reference", inductor=True)
+    cache, diffs = _run_llama(backend, steps=2)
+    assert max(diffs) < 1e-4, diffs
+    assert all(r.rewritten == 2 for r in backend.results)
+
+
+# -- spellings, on small functions -------------------------------------------------------------
+
+B, HKV, G, D, T = 2, 2, 2, 16, 3
+
+
+def _repeat_kv(x, g):
+    b, h, length, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, g, length, d).reshape(b, h * g, length, d)
+
+
+def _write_index_copy(kc, vc, pos, k, v):
+    kc.index_copy_(2, pos, k)
+    vc.index_copy_(2, pos, v)
+
+
+def _write_setitem(kc, vc, pos, k, v):
+    kc[:, :, pos] = k
+    vc[:, :, pos] = v
+
+
+def _write_setitem_slice(kc, vc, pos, k, v):
+    kc[:, :, 4:4 + T] = k
+    vc[:, :, 4:4 + T] = v
+
+
+def _write_index_put(kc, vc, pos, k, v):
+    torch.ops.aten.index_put_(kc, [None, None, pos], k)
+    torch.ops.aten.index_put_(vc, [None, None, pos], v)
+
+
+def _read_repeat_kv(q, kc, vc, mask):
+    return F.scaled_dot_product_attention(q, _repeat_kv(kc, G), _repeat_kv(vc, G), attn_mask=mask, scale=0.3)
+
+
+def _read_enable_gqa(q, kc, vc, mask):
+    return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True, scale=0.3)
+
+
+def _read_repeat_interleave(q, kc, vc, mask):
+    return F.scaled_dot_product_attention(q, kc.repeat_interleave(G, dim=1), vc.repeat_interleave(G, dim=1),
+                                          attn_mask=mask, scale=0.3)
+
+
+@pytest.mark.parametrize("write", [_write_index_copy, _write_setitem, _write_setitem_slice, _write_index_put])
+@pytest.mark.parametrize("read", [_read_repeat_kv, _read_enable_gqa, _read_repeat_interleave])
+def test_spellings(write, read):
+    def step(q, k, v, kc, vc, pos, mask):
+        write(kc, vc, pos, k, v)
+        return read(q, kc, vc, mask) * 2
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, HKV * G, T, D, generator=g)
+    k, v = torch.randn(B, HKV, T, D, generator=g), torch.randn(B, HKV, T, D, generator=g)
+    pos = torch.arange(4, 4 + T)
+    mask = torch.rand(B, 1, T, L, generator=g) > 0.2
+    kc, vc = torch.zeros(B, HKV, L, D), torch.zeros(B, HKV, L, D)
+    backend = _Backend(kernels="reference")
+    torch._dynamo.reset()
+    out = torch.compile(step, backend=backend, fullgraph=True)(q, k, v, kc, vc, pos, mask)
+    assert backend.results[0].rewritten == 1, backend.results[0].records
+
+    caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
+    kv4_append(k, v, *caches, pos, kernels="reference")
+    expect = kv4_attention(q, *caches, pos, mask, 0.3, kernels="reference") * 2
+    torch.testing.assert_close(out, expect)
+    assert not kc.any() and not vc.any()
+
+
+def _compile_and_pass(fn, *args):
+    backend = _Backend(kernels="reference")
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return backend.results[0]
+
+
+def _args():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, HKV * G, T, D, generator=g), torch.randn(B, HKV, T, D, generator=g),
+            torch.randn(B, HKV, T, D, generator=g), torch.zeros(B, HKV, L, D), torch.zeros(B, HKV, L, D),
+            torch.arange(T))
+
+
+def test_cache_used_elsewhere_is_left_alone_and_reported():
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        return _read_repeat_kv(q, kc, vc, None), kc.sum()
+
+    r = _compile_and_pass(step, *_args())
+    assert r.rewritten == 0
+    assert len(r.records) == 1 and not r.records[0].quantized and "also used" in r.records[0].reason
+
+
+def test_is_causal_sdpa_is_left_alone_and_reported():
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        return F.scaled_dot_product_attention(q, _repeat_kv(kc, G), _repeat_kv(vc, G), is_causal=True)
+
+    r = _compile_and_pass(step, *_args())
+    assert r.rewritten == 0 and "is_causal=True" in r.records[0].reason
+
+
+def test_attention_without_cache_is_not_touched():
+    def step(q, k, v, kc, vc, pos):
+        return F.scaled_dot_product_attention(q, _repeat_kv(k, G), _repeat_kv(v, G))
+
+    r = _compile_and_pass(step, *_args())
+    assert r.rewritten == 0 and not r.records
+
+
+def test_head_order_other_than_repeat_kv_is_not_matched():
+    """x[:, None].expand(B, G, Hkv, ...) gives query head g·Hkv + h, not what the kernel computes."""
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        kk = kc[:, None].expand(B, G, HKV, L, D).reshape(B, G * HKV, L, D)
+        vv = vc[:, None].expand(B, G, HKV, L, D).reshape(B, G * HKV, L, D)
+        return F.scaled_dot_product_attention(q, kk, vv)
+
+    r = _compile_and_pass(step, *_args())
+    assert r.rewritten == 0
