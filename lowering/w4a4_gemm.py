@@ -126,7 +126,7 @@ def _w4a4_gemm_kernel(
     # strides (elements)
     stride_am, stride_sam, stride_wn, stride_swn, stride_lrm, stride_lur, stride_om,
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
-    UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr,
+    UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, MAGIC_I2F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
@@ -163,7 +163,14 @@ def _w4a4_gemm_kernel(
         part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
         sa = tl.load(sa_ptr)
         sw = tl.load(sw_ptr).to(tl.float32)
-        acc += part.to(tl.float32) * sa[:, None] * sw[None, :]
+        if MAGIC_I2F:
+            # int32 -> fp32 without the I2F instruction (16/clk/SM on Hopper against 128 for FP32
+            # adds): |part| < 2^22, so part + bits(1.5·2^23) is the float 1.5·2^23 + part, exact,
+            # and one subtraction leaves float(part). Same bits as the conversion.
+            f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            f = part.to(tl.float32)
+        acc += f * (sa[:, None] * sw[None, :])
         a_ptr += 32
         w_ptr += 32
         sa_ptr += 1
@@ -201,7 +208,8 @@ GPU_CONFIGS = [
 _INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2}
 
 _w4a4_gemm_tuned = triton.autotune(
-    configs=GPU_CONFIGS, key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED"],
+    configs=GPU_CONFIGS,
+    key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED", "MAGIC_I2F"],
 )(_w4a4_gemm_kernel)
 
 
@@ -209,10 +217,11 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
                 lr_act: torch.Tensor | None, l_up: torch.Tensor | None,
                 bias: torch.Tensor | None, out_dtype: torch.dtype,
                 unpack_asm: bool | None = None, config: dict | None = None,
-                a_unsigned: bool = False) -> torch.Tensor:
+                a_unsigned: bool = False, magic_i2f: bool = True) -> torch.Tensor:
     """Launch the kernel on 2-D operands; the same result as `reference` within fp32 rounding.
 
-    unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. config: a fixed tile
+    unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. magic_i2f: convert the group
+    sums to float with integer arithmetic instead of I2F (same bits). config: a fixed tile
     configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M"} + num_warps/num_stages) instead of autotuning.
     """
     m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
@@ -241,7 +250,7 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     flags = dict(HAS_LR=has_lr, HAS_BIAS=bias is not None,
                  # fp32 must not become tf32; the interpreter's 16-bit tl.dot is wrong (triton 3.9)
                  LR_IEEE=has_lr and (lr_act.dtype == torch.float32 or interpreter_enabled()),
-                 UNPACK_ASM=unpack_asm, A_UNSIGNED=a_unsigned,
+                 UNPACK_ASM=unpack_asm, A_UNSIGNED=a_unsigned, MAGIC_I2F=magic_i2f,
                  BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
     if config is None and interpreter_enabled():
         config = dict(_INTERP_CONFIG)

@@ -66,12 +66,27 @@ def test_integer_sums_are_bit_exact(m, n, groups, seed):
     yt = triton_gemm(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None, torch.float32)
     exact = qa.long() @ qw.long().T
     assert torch.equal(yt, exact.float())
+    plain = triton_gemm(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None, torch.float32,
+                        magic_i2f=False)
+    assert torch.equal(plain, yt)
     assert torch.equal(reference(pack_int4(qa), sa, pack_int4(qw), sw, None, None, None,
                                  torch.float32), exact.float())
     ua = torch.randint(0, 16, (m, groups * GROUP), generator=g, dtype=torch.uint8)
     yu = triton_gemm(pack_uint4(ua), sa, pack_int4(qw), sw, None, None, None, torch.float32,
                      a_unsigned=True)
     assert torch.equal(yu, (ua.long() @ qw.long().T).float())
+
+
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 200),
+       seed=st.integers(0, 2**31 - 1))
+def test_magic_conversion_gives_the_same_bits_as_i2f(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * 5
+    wp, ws = quantize_weight(torch.randn(n, k, generator=g))
+    a, sa, _ = quant_reference(x, None, None)
+    y1 = triton_gemm(a, sa, wp, ws, None, None, None, torch.float32, magic_i2f=True)
+    y2 = triton_gemm(a, sa, wp, ws, None, None, None, torch.float32, magic_i2f=False)
+    assert torch.equal(y1, y2)
 
 
 def test_unsigned_activations_after_gelu_are_more_accurate_and_unbiased():
