@@ -84,9 +84,9 @@ def test_qoq_recipes_compile_and_beat_round_to_nearest(recipe):
         with torch.no_grad():
             out = compiled(ids, use_cache=False).logits
         errs[name] = float((out - ref).norm() / ref.norm())
-    assert errs[recipe] < 0.7 * min(v for k, v in errs.items() if k != recipe), errs
         if name == recipe:
             graphs = [g for g in qcompile.report(compiled).graphs if g.recipe == recipe]
             down = [l for l in graphs[-1].layers if l.name == "model.layers.0.mlp.down_proj"][0]
             # The report says what each pass did to the layer.
             assert down.details["smooth"].startswith("into ") and "weight_error_ratio" in down.details
+    assert errs[recipe] < 0.7 * min(v for k, v in errs.items() if k != recipe), errs
