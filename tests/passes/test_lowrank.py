@@ -233,3 +233,13 @@ def test_w4a8_svd_path_runs_and_beats_w4a8_rtn():
     assert torch.ops.qoq.w4a4_gemm.default not in targets
     # measured: 0.0038 vs 0.0054 relative
     assert float((svd - ref).norm()) < 0.85 * float((rtn - ref).norm())
+
+
+def test_options_from_config_pick_the_residual_format():
+    from qcompile.config import QoQConfig
+
+    opts = SVDQuantOptions.from_config(QoQConfig(recipe="w4a8-svd", weight_group_size=-1,
+                                                 kernels="reference"))
+    assert (opts.residual, opts.w4a8_group_size, opts.kernels) == ("w4a8", -1, "reference")
+    opts = SVDQuantOptions.from_config(QoQConfig(recipe="svdquant"))
+    assert opts.residual == "w4a4" and opts.rank == 32 and "lm_head" in opts.skip
