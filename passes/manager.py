@@ -11,6 +11,7 @@ from passes.quantize import LayerDecision, output_sqnr_db, quantize_linears
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
+from qcompile.debug import pass_stage
 from runtime.registry import GraphRecord, LayerRecord
 
 log = logging.getLogger("qoq")
@@ -40,7 +41,8 @@ def run_qoq_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, d
     stats = working_copy(stats)
     for name in pipeline:
         if name in _REWRITES and getattr(config, name):
-            _rewrite(name)(qgraph, find_linears(qgraph), config, stats, details)
+            with pass_stage(name, qgraph.gm):  # QOQ_DEBUG_DIR dumps; a failure names the pass
+                _rewrite(name)(qgraph, find_linears(qgraph), config, stats, details)
     return stats
 
 
@@ -51,17 +53,20 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
         stats = run_qoq_passes(qgraph, config, stats, details)
     linears = find_linears(qgraph)
     log.debug("graph %d: %d linear layers matched", record.graph_id, len(linears))
-    decisions = quantize_linears(qgraph, linears, config)
+    with pass_stage("quantize", qgraph.gm):
+        decisions = quantize_linears(qgraph, linears, config)
     if "gptq" in pipeline and (config.gptq or config.clip_search):
         from passes.gptq import search_weights
 
-        decisions = search_weights(qgraph, decisions, config, stats, details)
-    for d in decisions:
-        record.layers.append(_layer_record(qgraph, d, config, stats))
-        record.layers[-1].details.update(details.get(d.match.fqn, {}))
-        if d.qweight is not None:
-            lower_w4a8_linear(qgraph, d, config)
-    qgraph.materialize_overrides()
+        with pass_stage("gptq", qgraph.gm):
+            decisions = search_weights(qgraph, decisions, config, stats, details)
+    with pass_stage("lower", qgraph.gm):
+        for d in decisions:
+            record.layers.append(_layer_record(qgraph, d, config, stats))
+            record.layers[-1].details.update(details.get(d.match.fqn, {}))
+            if d.qweight is not None:
+                lower_w4a8_linear(qgraph, d, config)
+        qgraph.materialize_overrides()
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
     for node in qgraph.gm.graph.nodes:

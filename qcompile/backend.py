@@ -17,6 +17,7 @@ from passes.match import find_linears
 from qcompile.calibration import CalibrationStats, calibrate_graph
 from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
+from qcompile.fallback import FallbackGuard
 from runtime.registry import link_params, new_graph_record
 
 log = logging.getLogger("qoq")
@@ -32,6 +33,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
     with torch.no_grad():
         qgraph = capture(gm, example_inputs)
         record = new_graph_record(config.recipe)
+        guard = FallbackGuard(qgraph, config, record)  # a pass or Inductor failure leaves this graph in FP
         link_params(record, [w.tensor for w in qgraph.weights.values()])
         stats = config.calibration
         if stats is None:
@@ -42,15 +44,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
             raise TypeError(
                 f"option calibration: expected the statistics returned by qcompile.calibrate(...), got {type(stats).__name__}"
             )
-        run_passes(qgraph, config, stats, record)
+        guard.run_passes(stats)
         log.debug("qoq graph %d after passes:\n%s", record.graph_id, qgraph.gm.code)
-        if config.inductor:
-            from torch._inductor import list_mode_options
-            from torch._inductor.compile_fx import compile_fx
-
-            compiled = compile_fx(qgraph.gm, example_inputs, config_patches=list_mode_options(config.mode))
-        else:
-            compiled = qgraph.gm.forward
+        compiled = guard.compile(example_inputs)
     return _inference(compiled)
 
 

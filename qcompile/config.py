@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,6 +37,10 @@ class QoQConfig:
     gptq: bool = False  # GPTQ weight rounding (Hessian from calibration rows)
     clip_search: bool = False  # per-output-channel clipping ratio search
     artifact: Optional[str] = None
+    # The user's side (issue 8): graph dumps per pass, progress bars, and re-raising instead of FP fallback.
+    debug_dir: Optional[str] = None  # default: the QOQ_DEBUG_DIR environment variable
+    quiet: Optional[bool] = None  # None: bars only on a terminal and without QOQ_QUIET=1
+    strict: bool = False  # True (or QOQ_STRICT=1): a pass failure raises instead of leaving the graph in FP
 
     def replace(self, **kw) -> "QoQConfig":
         return dataclasses.replace(self, **kw)
@@ -69,6 +74,7 @@ _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernel
                 "artifact", "skip_layers", "protective_range")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
+_OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
 
 
 def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> QoQConfig:
@@ -109,6 +115,14 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             value = tuple(float(a) for a in value)
         if key == "smooth_attention_alpha" and (not isinstance(value, (int, float)) or not 0 <= value <= 1):
             raise QoQConfigError(f"option smooth_attention_alpha={value!r}: expected a number in [0, 1]")
+        if key == "debug_dir" and value is not None and not isinstance(value, (str, os.PathLike)):
+            raise QoQConfigError(f"option debug_dir={value!r}: expected a folder path (str) or None")
+        if key == "debug_dir" and value is not None:
+            value = os.fspath(value)
+        if key == "quiet" and value is not None and not isinstance(value, bool):
+            raise QoQConfigError(f"option quiet={value!r}: expected True, False or None (None: bars only on a terminal)")
+        if key == "strict" and not isinstance(value, bool):
+            raise QoQConfigError(f"option strict={value!r}: expected True or False")
         if key == "artifact" and value is not None and not isinstance(value, str):
             raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
         fields[key] = value

@@ -33,6 +33,7 @@ class GraphRecord:
     recipe: str
     layers: list[LayerRecord] = field(default_factory=list)
     qoq_ops: dict[str, int] = field(default_factory=dict)  # torch.ops.qoq.* calls in the final graph
+    fallback: str = ""  # why the whole graph was left in FP (a pass or Inductor failed), "" otherwise
 
 
 _GRAPH_IDS = itertools.count()

@@ -1,0 +1,198 @@
+"""What qoq does with what it cannot handle: a layer or graph stays in FP with one warning per reason,
+while errors that are the user's (bad options, mismatched calibration or artifact) are raised.
+
+The backend calls `is_user_error` on every exception out of the passes: user errors go to the user,
+anything else is our limitation, so the graph runs in FP and the report says why.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+
+log = logging.getLogger("qoq")
+
+
+class QoQFallbackWarning(UserWarning):
+    """A layer or graph was left in FP because a pass could not handle it (see qcompile.report)."""
+
+
+class QoQUserError(ValueError):
+    """An error that is the user's to fix (inputs, statistics, artifact): always raised, never fallen back from."""
+
+
+class QoQCalibrationError(QoQUserError):
+    """Calibration statistics that do not belong to the compiled model (names or channel counts differ)."""
+
+
+_WARNED: set[str] = set()
+_LOCK = threading.Lock()
+
+
+def warn_once(key: str, message: str, *, stacklevel: int = 2) -> bool:
+    """Warn (QoQFallbackWarning) and log the first time `key` is seen in this process; True if it warned."""
+    with _LOCK:
+        if key in _WARNED:
+            log.debug("qoq: %s", message)
+            return False
+        _WARNED.add(key)
+    log.warning("qoq: %s", message)
+    warnings.warn(message, QoQFallbackWarning, stacklevel=stacklevel + 1)
+    return True
+
+
+def reset_warnings() -> None:
+    """Forget which reasons were warned about (tests; a long-lived process that wants to hear again)."""
+    with _LOCK:
+        _WARNED.clear()
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors the user must see: our option/statistics errors and Python's own interruptions."""
+    from qcompile.config import QoQConfigError
+
+    if isinstance(exc, (QoQUserError, QoQConfigError, KeyboardInterrupt, MemoryError)):
+        return True
+    # torch.OutOfMemoryError is a RuntimeError: falling back would only hide where memory ran out.
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def strict(config=None) -> bool:
+    """Fallbacks re-raise instead (option strict=True or QOQ_STRICT=1): for tests and for debugging a pass."""
+    if config is not None and getattr(config, "strict", False):
+        return True
+    return os.environ.get("QOQ_STRICT", "0") not in ("", "0")
+
+
+def describe_failure(exc: BaseException, stage: str) -> str:
+    """One line naming the stage (pass) and the exception, for the report and the warning."""
+    where = getattr(exc, "qoq_pass", None) or stage
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"pass {where!r} failed: {type(exc).__name__}: {first}" if first else f"pass {where!r} failed: {type(exc).__name__}"
+
+
+def _is_artifact_error(exc: BaseException) -> bool:
+    try:
+        from runtime.artifact import ArtifactError
+    except ImportError:
+        return False
+    return isinstance(exc, ArtifactError)
+
+
+def check_calibration(linears, stats) -> None:
+    """Statistics from `qcompile.calibrate` must belong to the compiled model: same names, same widths.
+
+    A mismatch is the user's (statistics of another model, or of a parent/child module of the one
+    compiled), so it raises instead of quietly quantizing with wrong or missing statistics.
+    """
+    layers = getattr(stats, "layers", None)
+    if not layers or getattr(stats, "source", "") == "example inputs" or not linears:
+        return
+    for m in linears:
+        ls = layers.get(m.fqn)
+        if ls is None:
+            continue
+        width = int(ls.absmax.shape[0])
+        if width != m.in_features:
+            raise QoQCalibrationError(
+                f"option calibration: statistics for layer {m.fqn!r} have {width} input channels, the model's layer has "
+                f"{m.in_features}; calibrate this model (qcompile.calibrate(model, batches)) and pass those statistics"
+            )
+    if not any(m.fqn in layers for m in linears):
+        ours = ", ".join(repr(m.fqn) for m in linears[:3])
+        theirs = ", ".join(repr(k) for k in list(layers)[:3])
+        raise QoQCalibrationError(
+            f"option calibration: the statistics name none of this graph's layers (graph: {ours}; statistics: {theirs}); "
+            f"calibrate the same module you compile, e.g. qcompile.calibrate(model, ...) for torch.compile(model, ...)"
+        )
+
+
+def _released(qgraph) -> bool:
+    try:
+        from runtime.weights import is_released
+    except ImportError:
+        return False
+    return any(is_released(w.tensor) for w in qgraph.weights.values())
+
+
+class FallbackGuard:
+    """Keeps one graph's FP form while the passes and Inductor run, and restores it when either fails.
+
+    `run_passes` and `compile` raise user errors (and everything under strict); any other failure
+    leaves the whole graph in FP, records the reason on every layer, and warns once per reason.
+    """
+
+    def __init__(self, qgraph, config, record):
+        import copy
+
+        from qcompile.debug import GraphDumper, debug_dir
+
+        self.qgraph, self.config, self.record = qgraph, config, record
+        self.fp_graph = copy.deepcopy(qgraph.gm.graph)  # nodes and meta only: weights are not copied
+        self.buffers = set(qgraph.gm._buffers)
+        self.dumper = GraphDumper(debug_dir(config), record.graph_id)
+
+    def _raise_anyway(self, exc: BaseException) -> bool:
+        return is_user_error(exc) or _is_artifact_error(exc) or strict(self.config) or _released(self.qgraph)
+
+    def run_passes(self, stats) -> None:
+        from passes.manager import run_passes
+        from passes.match import find_linears
+        from qcompile.debug import dumping
+
+        check_calibration(find_linears(self.qgraph), stats)
+        with dumping(self.dumper):
+            try:
+                run_passes(self.qgraph, self.config, stats, self.record)
+            except Exception as exc:
+                if self._raise_anyway(exc):
+                    raise
+                self.restore_fp(describe_failure(exc, "passes"), exc)
+        self.dumper.write("final", self.qgraph.gm)
+
+    def compile(self, example_inputs: list):
+        """Inductor (or the FX graph's forward) over the rewritten graph; the FP graph if Inductor fails on it."""
+        if not self.config.inductor:
+            return self.qgraph.gm.forward
+        try:
+            return self._inductor(example_inputs)
+        except Exception as exc:
+            if self._raise_anyway(exc) or self.record.fallback:
+                raise  # Inductor failed on the FP graph: torch.compile's own failure, not ours to hide
+            self.restore_fp(describe_failure(exc, "inductor"), exc)
+            return self._inductor(example_inputs)
+
+    def _inductor(self, example_inputs: list):
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(self.qgraph.gm, example_inputs, config_patches=list_mode_options(self.config.mode))
+
+    def restore_fp(self, reason: str, exc: BaseException) -> None:
+        """Put the FP graph back, drop the constants the passes added, and mark every layer FP with `reason`."""
+        from passes.match import find_linears
+        from runtime.registry import LayerRecord
+
+        gm = self.qgraph.gm
+        gm.graph = self.fp_graph
+        for name in set(gm._buffers) - self.buffers:
+            del gm._buffers[name]
+            getattr(gm, "_param_name_to_source", {}).pop(name, None)
+        self.qgraph.overrides.clear()
+        gm.recompile()
+        log.debug("qoq graph %d fell back to FP", self.record.graph_id, exc_info=exc)
+        try:
+            linears = find_linears(self.qgraph)
+        except Exception:  # the report loses its layer list, the model still runs
+            linears = []
+        self.record.layers = [LayerRecord(name=m.fqn, kind="linear", shape=tuple(m.weight_shape or ()), quantized=False,
+                                          reason=f"graph left in FP: {reason}") for m in linears]
+        self.record.qoq_ops = {}
+        self.record.fallback = reason
+        self.dumper.write("fallback_fp", gm)
+        warn_once(f"graph:{reason}", f"a graph was left in FP because {reason}. The model runs, unquantized; "
+                  f"qcompile.report(model) lists the layers. Set QOQ_STRICT=1 (or option strict=True) to raise instead, "
+                  f"and please report it with the QOQ_DEBUG_DIR dump.")
