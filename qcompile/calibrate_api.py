@@ -71,7 +71,7 @@ def calibrate(model: torch.nn.Module, batches, config=None, *, recipe: Optional[
     whether GPTQ's Hessians are kept (they cost K^2 floats per layer). Returns statistics keyed by
     module FQN, for `torch.compile(model, backend="qoq", options={"calibration": stats})`.
     """
-    from tqdm.auto import tqdm
+    from qcompile.progress import progress as progress_bar
 
     cfg = _as_config(recipe if recipe is not None and config is None else config)
     keep_hessian = bool(getattr(cfg, "gptq", False)) if hessian is None else hessian
@@ -99,7 +99,8 @@ def calibrate(model: torch.nn.Module, batches, config=None, *, recipe: Optional[
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         with torch.no_grad():
-            for batch in tqdm(batches, total=total, desc="qoq calibrate", disable=not progress):
+            # progress=True: bars on a terminal unless QOQ_QUIET=1 (qcompile.progress); False: never.
+            for batch in progress_bar(batches, desc="calibrate", total=total, quiet=None if progress else True):
                 if isinstance(batch, dict):
                     model(**batch)
                 elif isinstance(batch, (tuple, list)):
