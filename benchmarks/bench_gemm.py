@@ -1,25 +1,40 @@
 """W4A8 GEMM vs its peers at Llama-3-8B shapes: cuBLAS bf16, torch._int_mm (W8A8), torch._scaled_mm
 fp8, tinygemm int4 (`_weight_int4pack_mm`, torchao's int4 weight-only kernel) and a plain Triton
-int8 GEMM; gemlite where installed. Prints a table, writes JSON. Run on a GPU:
+int8 GEMM. Prints a table, writes JSON. Run on a GPU:
 
-    python benchmarks/bench_gemm.py --out bench_gemm.json
+    python benchmarks/bench_gemm.py --out bench_gemm.json                 # stored configs
+    python benchmarks/bench_gemm.py --sweep --configs-out cfg.json ...    # tune per bucket, store
+
+Timing: every kernel is captured `--calls` times in one CUDA graph and the replay is timed with
+events (median of `--reps` replays, divided by the calls), so Python launch overhead stays out and
+back-to-back kernels look as they do under `mode="reduce-overhead"`. The captured calls rotate
+over enough copies of the weights (at least 160 MB in all) that no call finds its weights in L2
+(50 MB on an H100): memory-bound rows measure HBM, not the cache.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
+import subprocess
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
 
-from lowering.activation_quant import quantize_act_int8
-from lowering.w4a8_gemm import w4a8_gemm_triton
-from passes.quantize import quantize_per_channel, quantize_progressive
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lowering.activation_quant import quantize_act_int8  # noqa: E402
+from lowering import w4a8_gemm as wg  # noqa: E402
 
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]  # (N, K) of Llama-3-8B
 MS = [1, 16, 64, 256, 1024, 4096]
+ROTATE_BYTES = 160 << 20
 
 
 @triton.jit
@@ -63,70 +78,258 @@ INT8_CONFIGS = [
 ]
 
 
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, num_warps=nw, num_stages=ns,
+                SWAP=swap, UNROLL=unroll)
+
+
+# The search space per M bucket (bench --sweep times each on every shape and keeps the fastest).
+_SMALL = [
+    _c(16, 16, 4, 4, 4), _c(16, 32, 4, 4, 4), _c(16, 32, 4, 3, 2), _c(16, 64, 4, 4, 4), _c(16, 16, 2, 4, 4),
+    _c(16, 32, 4, 4, 4, split=2), _c(16, 64, 4, 3, 4, split=2), _c(16, 64, 4, 3, 4, split=4),
+    _c(16, 64, 4, 3, 4, swap=True), _c(16, 64, 4, 4, 2, swap=True), _c(16, 64, 4, 3, 4, split=2, swap=True),
+    _c(16, 128, 4, 3, 2, swap=True),
+]
+CANDIDATES = {
+    "1": _SMALL,
+    "16": _SMALL,
+    "64": [_c(64, 64, 4, 3), _c(64, 128, 4, 3), _c(64, 64, 4, 4, 2), _c(32, 64, 4, 4, 2), _c(64, 128, 8, 3),
+           _c(64, 64, 4, 3, 2, swap=True), _c(64, 128, 4, 3, swap=True), _c(64, 64, 4, 3, 2, split=2)],
+    "256": [_c(64, 128, 4, 3), _c(128, 128, 8, 3), _c(128, 128, 4, 3), _c(64, 256, 8, 3), _c(128, 64, 4, 4),
+            _c(256, 128, 8, 3), _c(128, 128, 8, 3, swap=True), _c(64, 128, 4, 4, 2)],
+    "1024": [_c(128, 128, 8, 3), _c(128, 128, 8, 4), _c(256, 128, 8, 3), _c(128, 256, 8, 3), _c(256, 64, 8, 4),
+             _c(128, 128, 4, 4), _c(256, 128, 8, 3, 2), _c(128, 256, 8, 3, swap=True)],
+}
+CANDIDATES["4096"] = CANDIDATES["1024"]
+CANDIDATES["big"] = CANDIDATES["1024"]
+
+
+def gtime(calls, n_calls: int, reps: int) -> float:
+    """Median ms per call of `n_calls` calls (rotating over `calls`) captured in one CUDA graph."""
+    for f in calls:
+        f()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            calls[i % len(calls)]()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / n_calls)
+    del g
+    return statistics.median(ts)
 
 
 def measure_bandwidth() -> float:
-    x = torch.empty(2**29, dtype=torch.uint8, device="cuda")
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
+    ms = gtime([lambda: y.copy_(x)], 5, 5)
     return 2 * x.numel() / ms / 1e9  # TB/s (read + write)
 
 
-def run(out_path: str | None, shapes, ms_list, formats) -> list[dict]:
+def _copies(nbytes: int) -> int:
+    return max(1, min(32, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def _weights(N: int, K: int, fmt: str, dev: str):
+    from passes.quantize import quantize_per_channel, quantize_progressive
+
+    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
+    qw = quantize_progressive(w, 128) if fmt == "g128" else quantize_per_channel(w)
+    return [(qw.qweight.clone(), qw.wscale.clone(), None if qw.gscale is None else qw.gscale.clone(), qw.gzero.clone())
+            for _ in range(_copies(qw.qweight.numel()))]
+
+
+def _ours(x8, xs, xsum, copies, cfg):
+    return [lambda c=c: wg.w4a8_gemm_triton(x8, xs, xsum, c[0], c[1], c[2], c[3], None, torch.bfloat16, config=cfg)
+            for c in copies]
+
+
+# ---- parallel precompile: every (shape, M, format, config) once, in worker processes ----------------
+
+def _compile_job(job):
+    N, K, M, fmt, cfgs, int8 = job
+    import torch as _t
+    dev = "cuda"
+    fails = []
+    x8 = _t.randint(-127, 128, (M, K), device=dev, dtype=_t.int8)
+    xs = _t.rand(M, device=dev)
+    xsum = x8.sum(-1, dtype=_t.int32)
+    q = _t.randint(0, 256, (N, K // 2), device=dev, dtype=_t.uint8)
+    ws = _t.rand(N, device=dev)
+    if fmt == "g128":
+        gs = _t.ones(N, K // 128, device=dev, dtype=_t.uint8)
+        gz = _t.zeros(N, K // 128, device=dev, dtype=_t.uint8)
+    else:
+        gs, gz = None, _t.zeros(N, device=dev, dtype=_t.int32)
+    for cfg in cfgs:
+        try:
+            wg.w4a8_gemm_triton(x8, xs, xsum, q, ws, gs, gz, None, _t.bfloat16, config=cfg)
+        except Exception as e:  # out of shared memory etc.: the sweep skips it
+            fails.append((cfg, repr(e)[:200]))
+    if int8:
+        w8 = _t.randint(-127, 128, (N, K), device=dev, dtype=_t.int8)
+        for c in INT8_CONFIGS:
+            try:
+                triton_int8_gemm(x8, w8, c)
+            except Exception as e:
+                fails.append((c, repr(e)[:200]))
+    _t.cuda.synchronize()
+    return fails
+
+
+def precompile(shapes, ms_list, formats, workers: int):
+    jobs = []
+    for N, K in shapes:
+        for M in ms_list:
+            for i, fmt in enumerate(formats):
+                cfgs = CANDIDATES[wg.m_bucket(M)]
+                for j in range(0, len(cfgs), 4):  # small jobs spread well over the workers
+                    jobs.append((N, K, M, fmt, cfgs[j:j + 4], M >= 64 and i == 0 and j == 0))
+    t0 = time.time()
+    import multiprocessing as mp
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        fails = [f for r in ex.map(_compile_job, jobs) for f in r]
+    print(f"precompiled {len(jobs)} jobs in {time.time() - t0:.0f} s, {len(fails)} configs failed", flush=True)
+    for f in fails[:10]:
+        print("  failed:", f)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+def run(args) -> list[dict]:
     dev = "cuda"
     torch.manual_seed(0)
     bw = measure_bandwidth()
-    rows = []
-    for N, K in shapes:
+    n_calls, reps = args.calls, args.reps
+    rows, sweep = [], []
+    tuned: dict = {"progressive": {}, "per_channel": {}}
+    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": triton.__version__, "copy_bandwidth_TBps": bw, "timing": f"CUDA graph of {n_calls} calls, "
+            f"median of {reps} replays, weights rotated over >= {ROTATE_BYTES >> 20} MB",
+            "commit": _git_commit()}
+
+    def dump():  # after every shape, so a run cut short still leaves its rows
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows, "sweep": sweep}, f, indent=1)
+        if args.sweep and args.configs_out:
+            write_configs(args.configs_out, tuned, sweep, meta)
+    for N, K in args.shapes:
+        qws = {fmt: _weights(N, K, fmt, dev) for fmt in args.formats}
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-        qws = {"g128": quantize_progressive(w, 128), "chn": quantize_per_channel(w)}
+        wb = [w] + [w.clone() for _ in range(_copies(w.numel() * 2) - 1)]
         w8 = torch.randint(-127, 128, (N, K), device=dev, dtype=torch.int8)
-        wfp8 = w.to(torch.float8_e4m3fn)
+        w8s = [w8] + [w8.clone() for _ in range(_copies(w8.numel()) - 1)]
+        wf8 = [t.to(torch.float8_e4m3fn) for t in w8s]
         scale_w = torch.ones(1, N, device=dev)
-        tiny = None
+        tiny = []
         try:
             wq = torch.randint(0, 16, (N, K // 2), device=dev, dtype=torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(wq, 8)
             sz = torch.randn(K // 128, N, 2, device=dev, dtype=torch.bfloat16)
-            tiny = (packed, sz)
+            tiny = [(packed.clone(), sz.clone()) for _ in range(_copies(packed.numel() * packed.element_size()))]
         except Exception as e:  # tinygemm's packing API moved between releases
             print("tinygemm unavailable:", e)
-        for M in ms_list:
+        for M in args.m:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             x8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
             xs = torch.rand(M, device=dev)
             xsum = x8.sum(-1, dtype=torch.int32)
             row = {"M": M, "N": N, "K": K}
-            row["bf16_cublas"] = bench(lambda: x @ w.t())
+            row["bf16_cublas"] = gtime([lambda t=t: x @ t.t() for t in wb], n_calls, reps)
             if M >= 17:
-                row["int_mm"] = bench(lambda: torch._int_mm(x8, w8.t()))
+                row["int_mm"] = gtime([lambda t=t: torch._int_mm(x8, t.t()) for t in w8s], n_calls, reps)
             xf8 = x.to(torch.float8_e4m3fn)
-            row["fp8_scaled_mm"] = bench(lambda: torch._scaled_mm(
-                xf8, wfp8.t(), scale_a=torch.ones(M, 1, device=dev), scale_b=scale_w, out_dtype=torch.bfloat16))
-            if tiny is not None:
-                row["tinygemm_int4"] = bench(lambda: torch.ops.aten._weight_int4pack_mm(x, tiny[0], 128, tiny[1]))
+            sa = torch.ones(M, 1, device=dev)
+            row["fp8_scaled_mm"] = gtime([lambda t=t: torch._scaled_mm(
+                xf8, t.t(), scale_a=sa, scale_b=scale_w, out_dtype=torch.bfloat16) for t in wf8], n_calls, reps)
+            if tiny:
+                row["tinygemm_int4"] = gtime([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], 128, t[1])
+                                              for t in tiny], n_calls, reps)
             if M >= 64:
-                row["triton_int8"] = min(bench(lambda c=c: triton_int8_gemm(x8, w8, c)) for c in INT8_CONFIGS)
-            for name in formats:
-                qw = qws[name]
-                row[f"qoq_{name}"] = bench(lambda: w4a8_gemm_triton(
-                    x8, xs, xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, None, torch.bfloat16))
-                row[f"qoq_{name}_with_act_quant"] = bench(lambda: w4a8_gemm_triton(
-                    *quantize_act_int8(x, "triton"), qw.qweight, qw.wscale, qw.gscale, qw.gzero, None, torch.bfloat16))
-            wbytes = N * K / 2 + M * K + M * N * 2
+                row["triton_int8"] = min(gtime([lambda c=c, t=t: triton_int8_gemm(x8, t, c) for t in w8s], n_calls, reps)
+                                         for c in INT8_CONFIGS)
+            bucket = wg.m_bucket(M)
+            for fmt in args.formats:
+                copies = qws[fmt]
+                key = "progressive" if fmt == "g128" else "per_channel"
+                if args.sweep:
+                    best = None
+                    c0 = copies[0]
+                    ref = wg.w4a8_gemm_reference(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None, torch.float32)
+                    for cfg in CANDIDATES[bucket]:
+                        try:
+                            got = wg.w4a8_gemm_triton(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None,
+                                                      torch.float32, config=cfg)
+                            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max())):
+                                print("  WRONG", cfg, float((got - ref).abs().max()), flush=True)
+                                continue
+                            ms = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
+                        except Exception as e:  # noqa: BLE001 - a config that does not fit is skipped
+                            print("  skip", cfg, repr(e)[:120])
+                            continue
+                        sweep.append({"M": M, "N": N, "K": K, "fmt": fmt, "cfg": cfg, "ms": ms})
+                        if best is None or ms < best[0]:
+                            best = (ms, cfg)
+                    tuned[key].setdefault(f"{N},{K}", {})[bucket] = best[1]
+                    cfg = best[1]
+                else:
+                    cfg = dict(zip(wg.CONFIG_KEYS, wg.choose_config(bucket, N, K, fmt == "g128", 0, min(M, 4096))))
+                row[f"qoq_{fmt}"] = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
+                row[f"qoq_{fmt}_cfg"] = cfg
+                c0 = copies[0]
+                row[f"qoq_{fmt}_with_act_quant"] = gtime([lambda c=c: wg.w4a8_gemm_triton(
+                    *quantize_act_int8(x, "triton"), c[0], c[1], c[2], c[3], None, torch.bfloat16, config=cfg)
+                    for c in copies], n_calls, reps)
+            wbytes = N * K / 2 + N * K / 64 + M * K + M * N * 2  # packed weights, g128 scales, x8, y
             row["roofline_mem_ms"] = wbytes / (bw * 1e12) * 1e3
             row["roofline_int8_ms"] = 2 * M * N * K / 1030e12 * 1e3  # the plain Triton int8 GEMM peak (anchor)
             rows.append(row)
             print(_fmt(row), flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "triton": triton.__version__, "copy_bandwidth_TBps": bw}
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        dump()
+    dump()
     print(meta)
     return rows
+
+
+def write_configs(path: str, tuned: dict, sweep: list, meta: dict) -> None:
+    """Best config per (format, shape, bucket), plus per bucket the best geometric mean over shapes."""
+    default: dict = {"progressive": {}, "per_channel": {}}
+    for key, fmt in (("progressive", "g128"), ("per_channel", "chn")):
+        by_bucket: dict = {}
+        for r in sweep:
+            if r["fmt"] != fmt:
+                continue
+            b = wg.m_bucket(r["M"])
+            by_bucket.setdefault(b, {}).setdefault(json.dumps(r["cfg"], sort_keys=True), []).append(r["ms"])
+        for b, d in by_bucket.items():
+            n = max(len(v) for v in d.values())
+            score = {c: math.exp(sum(math.log(t) for t in v) / len(v)) for c, v in d.items() if len(v) == n}
+            default[key][b] = json.loads(min(score, key=score.get))
+    with open(path, "w") as f:
+        json.dump({"device": meta["device"], "date": meta["date"], "triton": meta["triton"],
+                   "layout": wg.PACK_LAYOUT, "configs": tuned, "default": default}, f, indent=1)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
 
 
 def _fmt(r: dict) -> str:
@@ -135,18 +338,33 @@ def _fmt(r: dict) -> str:
     for k in ("qoq_g128", "qoq_chn", "int_mm", "triton_int8", "tinygemm_int4", "fp8_scaled_mm"):
         if k in r:
             parts.append(f"{k}={r[k]:.4f} ({base / r[k]:.2f}x)")
-    parts.append(f"roof={max(r['roofline_mem_ms'], r['roofline_int8_ms']):.4f}")
+    roof = max(r["roofline_mem_ms"], r["roofline_int8_ms"])
+    parts.append(f"roof={roof:.4f}")
+    if "qoq_g128" in r:
+        parts.append(f"g128%roof={100 * roof / r['qoq_g128']:.0f}")
     return " ".join(parts)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--out", default=None, help="write the rows (and the sweep) as JSON here")
     p.add_argument("--m", type=int, nargs="*", default=MS)
     p.add_argument("--quick", action="store_true", help="first two shapes only")
     p.add_argument("--formats", nargs="*", default=["g128", "chn"])
+    p.add_argument("--sweep", action="store_true", help="time every candidate config, keep the best")
+    p.add_argument("--configs-out", default=None, help="with --sweep: write the tuned configs JSON here")
+    p.add_argument("--precompile", type=int, default=0, metavar="WORKERS",
+                   help="compile every candidate in this many processes first (fills Triton's disk cache)")
+    p.add_argument("--precompile-only", action="store_true")
+    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--reps", type=int, default=10)
     a = p.parse_args()
-    run(a.out, SHAPES[:2] if a.quick else SHAPES, a.m, a.formats)
+    a.shapes = SHAPES[:2] if a.quick else SHAPES
+    if a.precompile:
+        precompile(a.shapes, a.m, a.formats, a.precompile)
+        if a.precompile_only:
+            return
+    run(a)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,19 @@
 Two weight formats (DESIGN.md): QoQ progressive (per-channel int8 scale `s1`, then per-group uint4
 with integer scale `s2` and zero, dequantized to int8 in registers as `q·s2 − z·s2` byte-wise) and
 per-channel uint4 (`s·(q − z)`, the zero applied in the epilogue through the token's code sum).
-Layout: `qweight[n, k // 2]` holds k even in the low nibble and k odd in the high one, K padded to
-a multiple of 128, so a tile row is one contiguous run of bytes and unpacking needs no shuffles.
+
+Layout (PACK_LAYOUT = "k128-halves"): `qweight[n, :]` is K padded to a multiple of 128, cut into
+chunks of 128; byte j (0..63) of a chunk holds k = j in its low nibble and k = 64 + j in its high
+nibble. So one 64-byte run of a row splits into two int8 tiles, each contiguous along K, with one
+mask (low) or one shift and mask (high) per 32-bit word: no byte shuffles, no interleaving join,
+and the kernel feeds each half to its own `tl.dot` against the matching half of the activations.
 """
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from typing import Optional
 
 import torch
@@ -17,23 +24,31 @@ import triton.language as tl
 
 from lowering.dispatch import cdiv, interpreter_enabled, use_triton
 
-K_PAD = 128  # packed K is a multiple of this: every K tile is whole and lies inside one group
+K_PAD = 128  # packed K is a multiple of this: the kernel's K tile, two 64-wide halves
+HALF = 64
+# Saved artifacts hold packed bytes: whoever stores them should record this and refuse a mismatch.
+PACK_LAYOUT = "k128-halves"
 
 
 def pack_nibbles(q: torch.Tensor, multiple: int = K_PAD) -> torch.Tensor:
-    """q [N, K] with values in [0, 15] -> [N, Kp/2] uint8 (k even in the low nibble), Kp = K padded to `multiple`."""
+    """q [N, K] with values in [0, 15] -> [N, Kp/2] uint8, Kp = K padded to `multiple` (a multiple of 128).
+
+    In each 128-wide chunk of K, byte j holds k = j (low nibble) and k = j + 64 (high nibble).
+    """
+    assert multiple % K_PAD == 0, "the layout works in chunks of 128"
     N, K = q.shape
     Kp = cdiv(K, multiple) * multiple
     qp = torch.zeros((N, Kp), dtype=torch.uint8, device=q.device)
     qp[:, :K] = q.to(torch.uint8)
-    return qp[:, 0::2] | (qp[:, 1::2] << 4)
+    qp = qp.view(N, Kp // K_PAD, 2, HALF)
+    return (qp[:, :, 0] | (qp[:, :, 1] << 4)).reshape(N, Kp // 2)
 
 
 def unpack_nibbles(packed: torch.Tensor, K: int) -> torch.Tensor:
     """Inverse of pack_nibbles: [N, Kp/2] uint8 -> [N, K] uint8 in [0, 15]."""
-    lo = packed & 0x0F
-    hi = packed >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)[:, :K]
+    N = packed.shape[0]
+    p = packed.reshape(N, -1, HALF)
+    return torch.stack((p & 0x0F, p >> 4), dim=2).reshape(N, -1)[:, :K]
 
 
 def dequantize_int8_weight(qweight: torch.Tensor, gscale: Optional[torch.Tensor], gzero: torch.Tensor, K: int) -> torch.Tensor:
@@ -68,29 +83,33 @@ def w4a8_gemm_reference(
     return y.to(out_dtype)
 
 
-# Splits four packed bytes into their low and high nibbles and applies the group's integer scale
-# and zero on whole 32-bit words: one instruction handles four weights. The four bytes a thread
-# packs are consecutive along K in one row (16-byte vector loads), so s2 and z·s2 are the same in
-# all four lanes; the byte-wise subtraction keeps borrows inside each byte (SWAR).
+# Splits four packed bytes into their low nibbles (k = j..j+3) and high nibbles (k = j+64..j+67)
+# and applies the group's integer scale and zero on whole 32-bit words: one instruction handles
+# four weights. s2 and z·s2 arrive as bytes replicated over the word (they are constant along a
+# row's half-tile); the product q·s2 <= 15·16 stays inside each byte, and the byte-wise subtraction
+# (SWAR: set the top bits, subtract the low seven, fix the top bits with an xor) keeps borrows from
+# crossing bytes. ptxas folds the and/not/xor chains into LOP3s and shares the per-row masks.
 _UNPACK_PROGRESSIVE_ASM = tl.constexpr("""
 {
-.reg .b32 s, lo, hi, z, t0, t1;
-and.b32 s, $3, 0xFF;
+.reg .b32 sl, sh, lo, hi, t0, t1;
+and.b32 sl, $3, 0xFF;
+and.b32 sh, $5, 0xFF;
 and.b32 lo, $2, 0x0F0F0F0F;
 shr.u32 hi, $2, 4;
 and.b32 hi, hi, 0x0F0F0F0F;
-mul.lo.u32 lo, lo, s;
-mul.lo.u32 hi, hi, s;
-and.b32 z, $4, 0x7F7F7F7F;
+mul.lo.u32 lo, lo, sl;
+mul.lo.u32 hi, hi, sh;
+and.b32 t1, $4, 0x7F7F7F7F;
 or.b32 t0, lo, 0x80808080;
-sub.u32 t0, t0, z;
+sub.u32 t0, t0, t1;
 xor.b32 t1, lo, $4;
 not.b32 t1, t1;
 and.b32 t1, t1, 0x80808080;
 xor.b32 $0, t0, t1;
+and.b32 t1, $6, 0x7F7F7F7F;
 or.b32 t0, hi, 0x80808080;
-sub.u32 t0, t0, z;
-xor.b32 t1, hi, $4;
+sub.u32 t0, t0, t1;
+xor.b32 t1, hi, $6;
 not.b32 t1, t1;
 and.b32 t1, t1, 0x80808080;
 xor.b32 $1, t0, t1;
@@ -108,14 +127,12 @@ and.b32 $1, t, 0x0F0F0F0F;
 
 
 @triton.jit
-def _unpack_tile(b, s2, zs, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr):
-    """uint8 [BN, BKH] packed bytes -> (lo, hi) int8 [BN, BKH] weight values for k = 2j and 2j + 1."""
+def _unpack_halves(b, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr):
+    """uint8 [BN, 64] packed bytes -> (lo, hi) int8 [BN, 64]: the weights of the two K halves."""
     if USE_ASM:
         if PROGRESSIVE:
-            s2b = tl.broadcast_to(s2[:, None], b.shape)
-            zsb = tl.broadcast_to(zs[:, None], b.shape)
             lo, hi = tl.inline_asm_elementwise(
-                _UNPACK_PROGRESSIVE_ASM, "=r,=r,r,r,r", [b, s2b, zsb],
+                _UNPACK_PROGRESSIVE_ASM, "=r,=r,r,r,r,r,r", [b, s_lo, z_lo, s_hi, z_hi],
                 dtype=(tl.int8, tl.int8), is_pure=True, pack=4,
             )
         else:
@@ -129,11 +146,70 @@ def _unpack_tile(b, s2, zs, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr):
         lo = b & 0x0F
         hi = b >> 4
         if PROGRESSIVE:
-            lo = lo * s2[:, None] - zs[:, None]
-            hi = hi * s2[:, None] - zs[:, None]
+            lo = lo * s_lo - z_lo
+            hi = hi * s_hi - z_hi
         lo = lo.to(tl.int8, bitcast=True)
         hi = hi.to(tl.int8, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def _load_scales(gs_rows, gz_rows, t, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr):
+    """(s2, z·s2) of the low and high halves of K tile t, [BLOCK_N] uint8 each (groups of >= 64)."""
+    if PROGRESSIVE and GROUP_SIZE >= 64:
+        g_lo = (t * 128) // GROUP_SIZE
+        s_lo = tl.load(gs_rows + g_lo)
+        z_lo = tl.load(gz_rows + g_lo)
+        if GROUP_SIZE % 128 == 0:  # both halves in one group
+            s_hi = s_lo
+            z_hi = z_lo
+        else:
+            s_hi = tl.load(gs_rows + g_lo + 1)
+            z_hi = tl.load(gz_rows + g_lo + 1)
+    else:
+        s_lo = tl.load(gs_rows)  # unused
+        z_lo = s_lo
+        s_hi = s_lo
+        z_hi = s_lo
+    return s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
+def _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t, K, offs_h, sc,
+          GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
+          SWAP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += x[:, tile t] · W[:, tile t]^T for one 128-wide K tile (two 64-wide halves)."""
+    k_lo = t * 128 + offs_h
+    k_hi = k_lo + 64
+    if EVEN_K:
+        a_lo = tl.load(x_rows + k_lo[None, :])
+        a_hi = tl.load(x_rows + k_hi[None, :])
+    else:
+        a_lo = tl.load(x_rows + k_lo[None, :], mask=k_lo[None, :] < K, other=0)
+        a_hi = tl.load(x_rows + k_hi[None, :], mask=k_hi[None, :] < K, other=0)
+    b = tl.load(w_rows + (t * 64 + offs_h)[None, :])
+    if PROGRESSIVE:
+        if GROUP_SIZE >= 64:
+            s_lo = tl.broadcast_to(sc[0][:, None], (BLOCK_N, 64))
+            z_lo = tl.broadcast_to(sc[1][:, None], (BLOCK_N, 64))
+            s_hi = tl.broadcast_to(sc[2][:, None], (BLOCK_N, 64))
+            z_hi = tl.broadcast_to(sc[3][:, None], (BLOCK_N, 64))
+        else:
+            # Groups narrower than a half (32): per-element scale indices (correct, slower).
+            s_lo = tl.load(gs_rows[:, None] + (k_lo // GROUP_SIZE)[None, :])
+            z_lo = tl.load(gz_rows[:, None] + (k_lo // GROUP_SIZE)[None, :])
+            s_hi = tl.load(gs_rows[:, None] + (k_hi // GROUP_SIZE)[None, :])
+            z_hi = tl.load(gz_rows[:, None] + (k_hi // GROUP_SIZE)[None, :])
+        lo, hi = _unpack_halves(b, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE, USE_ASM)
+    else:
+        lo, hi = _unpack_halves(b, b, b, b, b, PROGRESSIVE, USE_ASM)
+    if SWAP:
+        acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+        acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -144,11 +220,13 @@ def _w4a8_gemm_kernel(
     # group scale s2 [N, G] uint8 and z·s2 [N, G] uint8 (progressive) or zero [N] int32 (per-channel)
     w_ptr, ws_ptr, gs_ptr, gz_ptr,
     b_ptr, y_ptr,  # bias [N] (optional), output [M, N]
-    M, N, K, Kp,
+    M, N, K,
     stride_xm, stride_wn, stride_gn, stride_ym,
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % 128 == 0: no K mask on the activation loads
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    SWAP: tl.constexpr,  # weights as the MMA's A operand
+    UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
 ):
     # Grouped tile order so consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
@@ -166,43 +244,62 @@ def _w4a8_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_kh = tl.arange(0, BLOCK_K // 2)
-    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows wrap onto real ones instead of being masked, so the main-loop loads carry
+    # no row masks and stay 16-byte vectors; their results are never stored.
+    rm = offs_m % M
+    rn = offs_n % N
+    offs_h = tl.arange(0, 64)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    k_tiles = Kp // BLOCK_K
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    w_rows = w_ptr + rn[:, None] * stride_wn
+    gs_rows = gs_ptr + rn * stride_gn
+    gz_rows = gz_ptr + rn * stride_gn
+    if SWAP:
+        # Weights as the MMA's A operand (rows of N), tokens as B: small M fills the N side of
+        # the instruction instead of wasting most of a 64-row A.
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    k_tiles = tl.cdiv(K, 128)
+    tiles_per_split = tl.cdiv(tl.cdiv(k_tiles, SPLIT_K), UNROLL) * UNROLL
     t_begin = pid_k * tiles_per_split
     t_end = min(t_begin + tiles_per_split, k_tiles)
-    s2 = tl.zeros([BLOCK_N], dtype=tl.uint8)
-    zs = tl.zeros([BLOCK_N], dtype=tl.uint8)
-    for t in range(t_begin, t_end):
-        k0 = t * BLOCK_K
-        kk = k0 + offs_k
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                    mask=mask_m[:, None] & (kk[None, :] < K), other=0)
-        b = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + offs_kh)[None, :],
-                    mask=mask_n[:, None], other=0)
-        if PROGRESSIVE:
-            g = k0 // GROUP_SIZE
-            s2 = tl.load(gs_ptr + offs_n * stride_gn + g, mask=mask_n, other=0)
-            zs = tl.load(gz_ptr + offs_n * stride_gn + g, mask=mask_n, other=0)
-        lo, hi = _unpack_tile(b, s2, zs, PROGRESSIVE, USE_ASM)
-        w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)  # join adds the minor axis: k = 2j + {0, 1}
-        acc += tl.dot(a, tl.trans(w), out_dtype=tl.int32)
+    # The group scales are one byte per row, too narrow for the async-copy pipeline (and a
+    # loop-carried prefetch stops Triton's pipeliner), so UNROLL tiles per iteration issue their
+    # scale loads together: one exposed load latency per UNROLL tiles. The launcher makes the
+    # split's tile count a multiple of UNROLL.
+    for t in range(t_begin, t_end, UNROLL):
+        sc0 = _load_scales(gs_rows, gz_rows, t, GROUP_SIZE, PROGRESSIVE)
+        if UNROLL >= 2:
+            sc1 = _load_scales(gs_rows, gz_rows, t + 1, GROUP_SIZE, PROGRESSIVE)
+        if UNROLL >= 4:
+            sc2 = _load_scales(gs_rows, gz_rows, t + 2, GROUP_SIZE, PROGRESSIVE)
+            sc3 = _load_scales(gs_rows, gz_rows, t + 3, GROUP_SIZE, PROGRESSIVE)
+        acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t, K, offs_h, sc0,
+                    GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
+        if UNROLL >= 2:
+            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 1, K, offs_h, sc1,
+                        GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
+        if UNROLL >= 4:
+            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 2, K, offs_h, sc2,
+                        GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
+            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 3, K, offs_h, sc3,
+                        GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
+    if SWAP:
+        acc = tl.trans(acc)
 
     if not PROGRESSIVE:
         # Σ x8·(q − z) = Σ x8·q − z·Σ x8; only the first K split subtracts it.
         if pid_k == 0:
-            xs = tl.load(xsum_ptr + offs_m, mask=mask_m, other=0)
-            z = tl.load(gz_ptr + offs_n, mask=mask_n, other=0)
+            xs = tl.load(xsum_ptr + rm)
+            z = tl.load(gz_ptr + rn)
             acc -= xs[:, None] * z[None, :]
-    sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
-    ws = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    sx = tl.load(sx_ptr + rm)
+    ws = tl.load(ws_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * ws[None, :]
     if HAS_BIAS:
         if pid_k == 0:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            y += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -211,28 +308,67 @@ def _w4a8_gemm_kernel(
         tl.atomic_add(y_ptrs, y, mask=mask, sem="relaxed")
 
 
-def _pick_config(M: int, N: int, K: int, device: torch.device) -> dict:
-    """Tile shapes by M bucket. Small M is memory-bound: split K so enough programs stream weights."""
-    if device.type != "cuda":
-        # Interpreter: few large programs run fastest (numpy does the work per program).
-        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=128,
-                    GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=1)
-    sms = _sm_count(device.index or 0)
+# ---- configs -------------------------------------------------------------------------------------
+# A config: BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, num_warps, num_stages, SWAP, UNROLL (BLOCK_K is
+# the 128 of the layout). Tuned ones live as JSON per GPU in lowering/configs/ (written by benchmarks/bench_gemm.py
+# --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
+M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL")
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1)
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def m_bucket(M: int) -> str:
+    for b in M_BUCKETS:
+        if M <= b:
+            return str(b)
+    return "big"
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the config file's name)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(index: int) -> dict:
+    path = os.path.join(CONFIG_DIR, device_slug(torch.cuda.get_device_name(index)) + ".json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def heuristic_config(M: int, N: int, K: int, sms: int = 132) -> dict:
+    """Tile shapes by M bucket when no tuned config exists for the GPU."""
     if M <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
-    elif M <= 64:
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
-    elif M <= 256:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    k_tiles = cdiv(K, cfg["BLOCK_K"])
-    split = 1
-    while tiles * split < sms and split * 2 <= k_tiles and split < 16:
-        split *= 2
-    cfg["SPLIT_K"] = split
-    return cfg
+        # Memory-bound: narrow N tiles give every SM a program without split-K (no atomics).
+        bn = 32 if cdiv(N, 32) >= sms else 16
+        return dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=6)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=4, SPLIT_K=1, num_warps=4, num_stages=5)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4)
+    # The unpack costs per weight tile and the MMA per tile area: tall tiles amortize the unpack.
+    return dict(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3)
+
+
+@functools.lru_cache(maxsize=4096)
+def choose_config(bucket: str, N: int, K: int, progressive: bool, device_index: int, M_hint: int) -> tuple:
+    """The config for an M bucket and weight shape on a CUDA device, as a tuple of CONFIG_KEYS."""
+    table = _tuned_table(device_index)
+    fmt = "progressive" if progressive else "per_channel"
+    cfg = table.get("configs", {}).get(fmt, {}).get(f"{N},{K}", {}).get(bucket)
+    if cfg is None:
+        cfg = table.get("default", {}).get(fmt, {}).get(bucket)
+    if cfg is None:
+        cfg = heuristic_config(M_hint, N, K, _sm_count(device_index))
+    return tuple(cfg.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
+
+
+def _interpreter_config(M: int) -> tuple:
+    # Interpreter: few large programs run fastest (numpy does the work per program).
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -245,38 +381,42 @@ def w4a8_gemm_triton(
     gscale: Optional[torch.Tensor], gzero: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
     config: Optional[dict] = None, use_asm: Optional[bool] = None,
 ) -> torch.Tensor:
-    lead = x8.shape[:-1]
     K = x8.shape[-1]
+    lead = x8.shape[:-1]
     x8 = x8.reshape(-1, K)
-    sx = sx.reshape(-1)
-    xsum = xsum.reshape(-1)
+    if x8.stride(-1) != 1:
+        x8 = x8.contiguous()
     M = x8.shape[0]
-    N, Kh = qweight.shape
-    Kp = Kh * 2
+    N = qweight.shape[0]
     progressive = gscale is not None
-    group_size = Kp // gscale.shape[1] if progressive else K_PAD
-    cfg = dict(config or _pick_config(M, N, K, x8.device))
-    if progressive:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    on_gpu = x8.is_cuda and not interpreter_enabled()
+    if config is not None:
+        bm, bn, gm, split, nw, ns, swap, unroll = (config.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
+    elif on_gpu:
+        bm, bn, gm, split, nw, ns, swap, unroll = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
+    else:
+        bm, bn, gm, split, nw, ns, swap, unroll = _interpreter_config(M)
     if use_asm is None:
-        use_asm = x8.is_cuda and not interpreter_enabled()
-    split = cfg.pop("SPLIT_K")
+        use_asm = on_gpu
     if split > 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=x8.device)
     else:
         y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
     if M == 0:
         return y.to(out_dtype).reshape(*lead, N)
-    x8 = x8.contiguous()
-    grid = (cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"]), split)
+    group_size = qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD
+    if cdiv(K, K_PAD) % unroll:
+        unroll = 1  # the kernel's splits hold whole UNROLL groups of tiles
+    grid = (cdiv(M, bm) * cdiv(N, bn), split)
     _w4a8_gemm_kernel[grid](
-        x8, sx, xsum, qweight, wscale,
+        x8, sx.reshape(-1), xsum.reshape(-1), qweight, wscale,
         gscale if progressive else gzero, gzero,
         bias if bias is not None else wscale, y,
-        M, N, K, Kp,
+        M, N, K,
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-        SPLIT_K=split, **cfg,
+        EVEN_K=K % K_PAD == 0, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
+        num_warps=nw, num_stages=ns,
     )
     return (y.to(out_dtype) if split > 1 else y).reshape(*lead, N)
 

@@ -30,7 +30,7 @@ def _random_case(m, n, k, fmt, group, seed, device):
     return qw, x8, g
 
 
-@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("per_channel", -1)])
+@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("progressive", 32), ("progressive", 256), ("per_channel", -1)])
 @given(m=st.integers(1, 40), n=st.integers(1, 80), k=st.integers(1, 400), seed=st.integers(0, 2**16))
 def test_triton_integer_accumulation_is_bit_exact(fmt, group, m, n, k, seed, device):
     qw, x8, _ = _random_case(m, n, k, fmt, group, seed, device)
@@ -69,29 +69,41 @@ def test_triton_matches_reference_with_scales_and_bias(fmt, group, lead, n, k, d
     torch.testing.assert_close(want.float(), fp, rtol=tol, atol=tol * float(fp.abs().max()) + 1e-5)
 
 
-def test_split_k_matches_single_pass(device):
-    qw, x8, g = _random_case(3, 48, 1024, "progressive", 128, 7, device)
-    sx = torch.rand(3, generator=g).to(device)
+# Kernel variants the tuned configs pick from: split-K, weights as the MMA's A operand (SWAP),
+# several K tiles per loop iteration (UNROLL). Each must give the reference's integers.
+VARIANTS = [
+    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, UNROLL=1),
+    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, UNROLL=4),
+    dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, UNROLL=2, SWAP=True),
+    dict(BLOCK_M=32, BLOCK_N=32, SPLIT_K=2, UNROLL=2, SWAP=True),
+]
+
+
+@pytest.mark.parametrize("cfg", VARIANTS)
+@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("per_channel", -1)])
+def test_kernel_variants_are_bit_exact(cfg, fmt, group, device):
+    qw, x8, g = _random_case(5, 48, 1000, fmt, group, 7, device)
     xsum = x8.sum(-1, dtype=torch.int32)
-    args = (x8, sx, xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, None, torch.float32)
-    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
-    one = w4a8_gemm_triton(*args, config=dict(base, SPLIT_K=1))
-    four = w4a8_gemm_triton(*args, config=dict(base, SPLIT_K=4))
-    torch.testing.assert_close(four, one, rtol=1e-5, atol=1e-5)
+    args = (x8, torch.ones(5, device=device), xsum, qw.qweight, torch.ones(48, device=device), qw.gscale, qw.gzero,
+            None, torch.float32)
+    got = w4a8_gemm_triton(*args, config=dict(cfg, GROUP_M=1, num_warps=4, num_stages=2))
+    assert torch.equal(got, w4a8_gemm_reference(*args))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["progressive", "per_channel"])
-def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt):
-    qw, x8, _ = _random_case(77, 300, 1000, fmt, 128, 3, "cuda")
+@pytest.mark.parametrize("cfg", [None, *VARIANTS, dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3),
+                                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SWAP=True, UNROLL=2)])
+def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt, cfg):
+    qw, x8, _ = _random_case(77, 300, 1024, fmt, 128, 3, "cuda")
     ones_m = torch.ones(77, device="cuda")
     ones_n = torch.ones(300, device="cuda")
     xsum = x8.sum(-1, dtype=torch.int32)
     args = (x8, ones_m, xsum, qw.qweight, ones_n, qw.gscale, qw.gzero, None, torch.float32)
     for M in (1, 16, 77):
         a = (x8[:M], ones_m[:M], xsum[:M]) + args[3:]
-        asm = w4a8_gemm_triton(*a, use_asm=True)
-        pure = w4a8_gemm_triton(*a, use_asm=False)
+        asm = w4a8_gemm_triton(*a, use_asm=True, config=cfg)
+        pure = w4a8_gemm_triton(*a, use_asm=False, config=cfg)
         assert torch.equal(asm, pure)
         assert torch.equal(asm, w4a8_gemm_reference(*a))
 
