@@ -270,12 +270,13 @@ def run(args) -> list[dict]:
                 if args.sweep:
                     best = None
                     c0 = copies[0]
-                    ref = wg.w4a8_gemm_reference(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None, torch.float32)
+                    # Checked in bf16 output (the timed specialization, already compiled), so within rounding.
+                    ref = wg.w4a8_gemm_reference(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None, torch.bfloat16).float()
                     for cfg in CANDIDATES[bucket]:
                         try:
                             got = wg.w4a8_gemm_triton(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None,
-                                                      torch.float32, config=cfg)
-                            if not torch.allclose(got, ref, rtol=1e-4, atol=1e-3 * float(ref.abs().max())):
+                                                      torch.bfloat16, config=cfg).float()
+                            if not torch.allclose(got, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max())):
                                 print("  WRONG", cfg, float((got - ref).abs().max()), flush=True)
                                 continue
                             ms = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
