@@ -15,6 +15,8 @@ _PUBLIC = {
     "calibrate": "qcompile.calibrate_api",
     "report": "qcompile.reporting",
     "Report": "qcompile.reporting",
+    "save": "qcompile.artifact",
+    "ArtifactError": "runtime.artifact",
 }
 __all__ = sorted(_PUBLIC)
 

@@ -18,7 +18,10 @@ from qcompile.calibration import CalibrationStats, calibrate_graph
 from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
 from qcompile.fallback import FallbackGuard
-from runtime.registry import link_params, new_graph_record
+from qcompile.artifact import record_constants, remember_graph, replay
+from runtime.artifact import ArtifactData, ArtifactError, load, records_for, remember
+from runtime.registry import GraphRecord, link_params, new_graph_record
+from runtime.weights import is_released, release
 
 log = logging.getLogger("qoq")
 
@@ -34,20 +37,69 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         qgraph = capture(gm, example_inputs)
         record = new_graph_record(config.recipe)
         guard = FallbackGuard(qgraph, config, record)  # a pass or Inductor failure leaves this graph in FP
-        link_params(record, [w.tensor for w in qgraph.weights.values()])
-        stats = config.calibration
-        if stats is None:
-            linears = find_linears(qgraph)
-            watch = {m.node: (m.fqn, m.x) for m in linears}
-            stats = calibrate_graph(gm, example_inputs, watch, {w.index for w in qgraph.weights.values()})
-        elif not isinstance(stats, CalibrationStats):
-            raise TypeError(
-                f"option calibration: expected the statistics returned by qcompile.calibrate(...), got {type(stats).__name__}"
-            )
-        guard.run_passes(stats)
+        params = [w.tensor for w in qgraph.weights.values()]
+        link_params(record, params)
+        saved = _saved_rewrite(qgraph, config)
+        if saved is not None:
+            # From an artifact, or a recompile after release: the recorded rewrite, no calibration.
+            data, source = saved
+            replay(qgraph, data, config, record, source)
+            remember(data, params)
+        else:
+            consts = record_constants(qgraph)
+            stats = config.calibration
+            if stats is None:
+                linears = find_linears(qgraph)
+                watch = {m.node: (m.fqn, m.x) for m in linears}
+                stats = calibrate_graph(gm, example_inputs, watch, {w.index for w in qgraph.weights.values()})
+            elif not isinstance(stats, CalibrationStats):
+                raise TypeError(
+                    f"option calibration: expected the statistics returned by qcompile.calibrate(...), got {type(stats).__name__}"
+                )
+            guard.run_passes(stats)
+            data = remember_graph(qgraph, consts, record, config)
+        if config.release_fp_weights:
+            release_quantized_weights(qgraph, record, data)
         log.debug("qoq graph %d after passes:\n%s", record.graph_id, qgraph.gm.code)
         compiled = guard.compile(example_inputs)
     return _inference(compiled)
+
+
+def _saved_rewrite(qgraph, config: QoQConfig) -> Optional[tuple[ArtifactData, str]]:
+    """The recorded rewrite this graph must replay, if any: the artifact, or the records of weights
+    whose FP storage was released (they cannot be calibrated or quantized again)."""
+    if config.artifact is not None:
+        return load(config.artifact), f"artifact {config.artifact!r}"
+    released = [w for w in qgraph.weights.values() if is_released(w.tensor)]
+    if not released:
+        return None
+    data = records_for([w.tensor for w in released])
+    if data is None or data.unsaveable:
+        why = data.unsaveable if data is not None else "no record of their quantization"
+        raise ArtifactError(
+            f"the FP weights of {released[0].fqn} (and {len(released) - 1} more) were released, and this new graph "
+            f"cannot reuse their quantization: {why}. Compile without release_fp_weights"
+        )
+    return data, "weights released after quantization"
+
+
+def release_quantized_weights(qgraph, record: GraphRecord, data: ArtifactData) -> None:
+    """Free the FP storage of weights the final graph no longer reads (see runtime/weights.py)."""
+    if data.unsaveable:
+        for layer in record.layers:
+            layer.details["fp_weight"] = f"kept: a recompile could not reuse this graph's rewrite ({data.unsaveable})"
+        return
+    live = {n.name for n in qgraph.gm.graph.nodes if n.op == "placeholder" and n.users}
+    by_fqn = {w.fqn: (pname, w.tensor) for pname, w in qgraph.weights.items()}
+    for layer in record.layers:
+        if not layer.quantized:
+            continue
+        hit = by_fqn.get(layer.name + ".weight") or by_fqn.get(layer.name)
+        if hit is None:
+            continue
+        pname, tensor = hit
+        why = "the final graph still reads it" if pname in live else release(tensor)
+        layer.details["fp_weight"] = f"kept: {why}" if why else "released"
 
 
 def _inference(fn: Callable) -> Callable:

@@ -36,7 +36,9 @@ class QoQConfig:
     rotate: bool = False  # Hadamard rotation of the block inputs
     gptq: bool = False  # GPTQ weight rounding (Hessian from calibration rows)
     clip_search: bool = False  # per-output-channel clipping ratio search
-    artifact: Optional[str] = None
+    artifact: Optional[str] = None  # folder written by qcompile.save: compile from it, no calibration
+    # Free the FP storage of quantized weights (the FP model stops working); off unless asked for.
+    release_fp_weights: bool = False
     # The user's side (issue 8): graph dumps per pass, progress bars, and re-raising instead of FP fallback.
     debug_dir: Optional[str] = None  # default: the QOQ_DEBUG_DIR environment variable
     quiet: Optional[bool] = None  # None: bars only on a terminal and without QOQ_QUIET=1
@@ -69,9 +71,10 @@ _ALLOWED: dict[str, tuple] = {
     "kernels": KERNEL_CHOICES,
     "mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "inductor": (True, False),
+    "release_fp_weights": (True, False),
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
-                "artifact", "skip_layers", "protective_range")
+                "artifact", "skip_layers", "protective_range", "release_fp_weights")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
 _OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
@@ -85,6 +88,7 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
         raise QoQConfigError(
             f"unknown qoq option(s) {unknown}; valid keys are: {', '.join(_OPTION_KEYS)}"
         )
+    given = dict(options)
     recipe = options.pop("recipe", QoQConfig.recipe)
     if recipe in PLANNED_RECIPES:
         raise QoQConfigError(
@@ -127,7 +131,37 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
         fields[key] = value
     if fields.get("artifact") is not None:
-        raise QoQConfigError("option artifact: compiling from a saved artifact arrives with issue 7; leave it None")
+        fields = _from_artifact(fields, given)
     if fields.get("kv_bits", 16) == 4:
         raise QoQConfigError("option kv_bits=4: the KV4 cache arrives with issue 5; use kv_bits=16 for now")
     return QoQConfig(**fields)
+
+
+def _from_artifact(fields: dict, options: dict) -> dict:
+    """The artifact fixes every field that decides the numbers; options may set only the runtime ones."""
+    from qcompile.artifact import RUNTIME_FIELDS
+    from runtime.artifact import ArtifactError, read_header
+
+    path = fields["artifact"]
+    try:
+        saved = read_header(path)["config"]
+    except ArtifactError as e:
+        raise QoQConfigError(str(e)) from e
+    if options.get("calibration") is not None:
+        raise QoQConfigError("options artifact and calibration: an artifact needs no calibration; drop calibration")
+    out = {}
+    for f in dataclasses.fields(QoQConfig):
+        if f.name in RUNTIME_FIELDS:
+            if f.name in fields:
+                out[f.name] = fields[f.name]
+            continue
+        if f.name not in saved:
+            raise QoQConfigError(f"artifact {path!r}: its config lacks {f.name!r}; save it again with this qoq")
+        value = tuple(saved[f.name]) if isinstance(saved[f.name], list) else saved[f.name]
+        if f.name in options and options[f.name] != value:
+            raise QoQConfigError(
+                f"option {f.name}={options[f.name]!r} disagrees with the artifact {path!r} ({value!r}); "
+                f"drop the option (the artifact decides it) or save a new artifact"
+            )
+        out[f.name] = value
+    return out
