@@ -177,7 +177,6 @@ class KV4Cache(Cache):
         if unsupported:
             raise ValueError(f"KV4Cache supports full-attention layers only; this config has {unsupported}")
         super().__init__(layers=[KV4Layer(max_cache_len, kernels=kernels) for _ in layer_types])
-        self.max_cache_len = max_cache_len
 
     @property
     def nbytes(self) -> int:
