@@ -200,8 +200,10 @@ def _hessian(ls) -> torch.Tensor | None:
 def search_weights(qgraph: QGraph, decisions: list[LayerDecision], config: QoQConfig, stats: CalibrationStats,
                    details: dict[str, dict]) -> list[LayerDecision]:
     """Replace round-to-nearest weights by clip-searched and/or GPTQ ones where statistics allow."""
+    from qcompile.progress import progress
+
     out = []
-    for d in decisions:
+    for d in progress(decisions, desc="GPTQ / clip search", quiet=config.quiet, unit="layer"):
         m = d.match
         ls = stats.get(m.fqn) if stats is not None else None
         if d.qweight is None or ls is None or ls.samples.shape[0] == 0:

@@ -529,7 +529,9 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
         groups.setdefault(m.x, []).append(m)
 
     lower = _lower_group_w4a4 if opts.residual == "w4a4" else _lower_group_w4a8
-    for x_node, group in groups.items():
+    from qcompile.progress import progress
+
+    for x_node, group in progress(list(groups.items()), desc="SVD refits", quiet=getattr(opts, "quiet", None), unit="group"):
         group.sort(key=lambda m: order[m.node])
         layer_stats = stats.get(group[0].fqn)
         ws = [_weight_nk(qgraph, m).float() for m in group]
