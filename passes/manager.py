@@ -61,11 +61,14 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
         with pass_stage("gptq", qgraph.gm):
             decisions = search_weights(qgraph, decisions, config, stats, details)
     with pass_stage("lower", qgraph.gm):
+        lowered: dict = {}  # FP linear node -> the node that replaced it
         for d in decisions:
             record.layers.append(_layer_record(qgraph, d, config, stats))
             record.layers[-1].details.update(details.get(d.match.fqn, {}))
             if d.qweight is not None:
-                lower_w4a8_linear(qgraph, d, config)
+                # Back-to-back linears: this one's input may be a linear lowered (and erased) just before.
+                d.match.x = lowered.get(d.match.x, d.match.x)
+                lowered[d.match.node] = lower_w4a8_linear(qgraph, d, config)
         qgraph.materialize_overrides()
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
