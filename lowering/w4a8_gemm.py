@@ -175,18 +175,18 @@ def _load_scales(gs_rows, gz_rows, t, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.
 
 
 @triton.jit
-def _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t, K, offs_h, sc,
+def _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t, K, offs_h, sc,
           GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr, EVEN_K: tl.constexpr,
           SWAP: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc += x[:, tile t] · W[:, tile t]^T for one 128-wide K tile (two 64-wide halves)."""
     k_lo = t * 128 + offs_h
     k_hi = k_lo + 64
     if EVEN_K:
-        a_lo = tl.load(x_rows + k_lo[None, :])
-        a_hi = tl.load(x_rows + k_hi[None, :])
+        a_lo = tl.load(x_rows + k_lo[None, :], mask=x_mask, other=0)
+        a_hi = tl.load(x_rows + k_hi[None, :], mask=x_mask, other=0)
     else:
-        a_lo = tl.load(x_rows + k_lo[None, :], mask=k_lo[None, :] < K, other=0)
-        a_hi = tl.load(x_rows + k_hi[None, :], mask=k_hi[None, :] < K, other=0)
+        a_lo = tl.load(x_rows + k_lo[None, :], mask=x_mask & (k_lo[None, :] < K), other=0)
+        a_hi = tl.load(x_rows + k_hi[None, :], mask=x_mask & (k_hi[None, :] < K), other=0)
     b = tl.load(w_rows + (t * 64 + offs_h)[None, :])
     if PROGRESSIVE:
         if GROUP_SIZE >= 64:
@@ -251,6 +251,9 @@ def _w4a8_gemm_kernel(
     offs_h = tl.arange(0, 64)
 
     x_rows = x_ptr + rm[:, None] * stride_xm
+    # Rows past M are masked, not wrapped, on the activations: a masked async copy fetches
+    # nothing, which matters at M = 1 (a 16-row tile would otherwise read its row 16 times).
+    x_mask = mask_m[:, None]
     w_rows = w_ptr + rn[:, None] * stride_wn
     gs_rows = gs_ptr + rn * stride_gn
     gz_rows = gz_ptr + rn * stride_gn
@@ -269,21 +272,38 @@ def _w4a8_gemm_kernel(
     # scale loads together: one exposed load latency per UNROLL tiles. The launcher makes the
     # split's tile count a multiple of UNROLL.
     for t in range(t_begin, t_end, UNROLL):
-        sc0 = _load_scales(gs_rows, gz_rows, t, GROUP_SIZE, PROGRESSIVE)
-        if UNROLL >= 2:
-            sc1 = _load_scales(gs_rows, gz_rows, t + 1, GROUP_SIZE, PROGRESSIVE)
-        if UNROLL >= 4:
-            sc2 = _load_scales(gs_rows, gz_rows, t + 2, GROUP_SIZE, PROGRESSIVE)
-            sc3 = _load_scales(gs_rows, gz_rows, t + 3, GROUP_SIZE, PROGRESSIVE)
-        acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t, K, offs_h, sc0,
+        if UNROLL == 4 and PROGRESSIVE and GROUP_SIZE == 128:
+            # The four tiles' groups are four adjacent bytes of each row: one 4-byte load per row
+            # for s2 and one for z·s2 instead of eight single bytes, split in registers.
+            g0 = tl.multiple_of(t, 4)
+            s4 = tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
+            z4 = tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
+            sa, sb = tl.split(tl.reshape(s4, (BLOCK_N, 2, 2)))
+            za, zb = tl.split(tl.reshape(z4, (BLOCK_N, 2, 2)))
+            s0, s2 = tl.split(sa)
+            s1, s3 = tl.split(sb)
+            z0, z2 = tl.split(za)
+            z1, z3 = tl.split(zb)
+            sc0 = (s0, z0, s0, z0)
+            sc1 = (s1, z1, s1, z1)
+            sc2 = (s2, z2, s2, z2)
+            sc3 = (s3, z3, s3, z3)
+        else:
+            sc0 = _load_scales(gs_rows, gz_rows, t, GROUP_SIZE, PROGRESSIVE)
+            if UNROLL >= 2:
+                sc1 = _load_scales(gs_rows, gz_rows, t + 1, GROUP_SIZE, PROGRESSIVE)
+            if UNROLL >= 4:
+                sc2 = _load_scales(gs_rows, gz_rows, t + 2, GROUP_SIZE, PROGRESSIVE)
+                sc3 = _load_scales(gs_rows, gz_rows, t + 3, GROUP_SIZE, PROGRESSIVE)
+        acc = _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t, K, offs_h, sc0,
                     GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
         if UNROLL >= 2:
-            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 1, K, offs_h, sc1,
+            acc = _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t + 1, K, offs_h, sc1,
                         GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
         if UNROLL >= 4:
-            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 2, K, offs_h, sc2,
+            acc = _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t + 2, K, offs_h, sc2,
                         GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
-            acc = _tile(acc, x_rows, w_rows, gs_rows, gz_rows, t + 3, K, offs_h, sc3,
+            acc = _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t + 3, K, offs_h, sc3,
                         GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
     if SWAP:
         acc = tl.trans(acc)
