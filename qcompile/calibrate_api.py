@@ -96,25 +96,47 @@ def calibrate(model: torch.nn.Module, batches, config=None, *, recipe: Optional[
         if _is_linear(module):
             k = module.in_features if isinstance(module, torch.nn.Linear) else module.weight.shape[0]
             hooks.append(module.register_forward_pre_hook(hook_for(name, k), with_kwargs=True))
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        for h in hooks:
+            h.remove()
+        raise TypeError(f"calibrate: batches must be an iterable of model inputs (a list of tensors, dicts or tuples), "
+                        f"got {type(batches).__name__}")
     try:
         total = len(batches) if hasattr(batches, "__len__") else None
         with torch.no_grad():
             # progress=True: bars on a terminal unless QOQ_QUIET=1 (qcompile.progress); False: never.
-            for batch in progress_bar(batches, desc="calibrate", total=total, quiet=None if progress else True):
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                elif isinstance(batch, torch.Tensor):
-                    model(batch)
-                else:
+            for i, batch in enumerate(progress_bar(batches, desc="calibrate", total=total, quiet=None if progress else True)):
+                if not isinstance(batch, (dict, tuple, list, torch.Tensor)):
                     raise TypeError(f"calibrate: a batch must be a tensor, a dict or a tuple of model inputs, got {type(batch).__name__}")
+                try:
+                    if isinstance(batch, dict):
+                        model(**batch)
+                    elif isinstance(batch, (tuple, list)):
+                        model(*batch)
+                    else:
+                        model(batch)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    from qcompile.fallback import QoQCalibrationError
+
+                    # The model's own message says what broke; this one says which batch and what to do.
+                    raise QoQCalibrationError(
+                        f"calibrate: batch {i} ({_describe(batch)}) failed in {type(model).__name__}: "
+                        f"{type(e).__name__}: {e}. Calibration batches must be inputs this model accepts"
+                    ) from e
     finally:
         for h in hooks:
             h.remove()
     if not stats.layers:
         raise ValueError("calibrate: no linear layer (nn.Linear or transformers Conv1D) ran on these batches")
     return stats
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor {tuple(batch.shape)} {str(batch.dtype).replace('torch.', '')}"
+    if isinstance(batch, dict):
+        return "dict " + ", ".join(f"{k}={_describe(v) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in batch.items())
+    return f"{type(batch).__name__} of {len(batch)}"
 
 
 # -- statistics as the passes change a layer's inputs -----------------------------------------
