@@ -63,7 +63,7 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 
 
 def _as_write(node: fx.Node, caches: set[fx.Node]) -> Optional[CacheWrite]:
-    """A write along the sequence dim (2 of [B, H, L, D]) of a cache placeholder, or None."""
+    """A write along the sequence dim (2 of [B, H, L, D]) into one of `caches`, or None."""
     if node.op == "call_method" and node.target == "index_copy_":
         cache, dim, pos, src = node.args[0], node.args[1], node.args[2], node.args[3]
         if cache in caches and dim in (2, -2):
@@ -84,14 +84,26 @@ def _as_write(node: fx.Node, caches: set[fx.Node]) -> Optional[CacheWrite]:
     return None
 
 
-def _trace_cache_read(node: Any, aliases: dict[fx.Node, fx.Node]) -> Optional[tuple[fx.Node, list[fx.Node]]]:
-    """Follow SDPA's key/value operand back to a cache placeholder through a GQA expansion that keeps
-    transformers' head order (query head h·G + g reads KV head h). Returns (placeholder, chain nodes)."""
+def _trace_cache_read(node: Any, aliases: dict[fx.Node, fx.Node]
+                      ) -> Optional[tuple[fx.Node, list[fx.Node], bool]]:
+    """Follow SDPA's key/value operand back to a written cache through a GQA expansion that keeps
+    transformers' head order (query head h·G + g reads KV head h), and through a slice of the first
+    slots (`cache[:, :, :n]`). Returns (cache node, chain nodes, whether it was sliced)."""
     chain: list[fx.Node] = []
     cur = node
+    sliced = False
     while isinstance(cur, fx.Node):
         if cur in aliases:
-            return aliases[cur], chain
+            return aliases[cur], chain, sliced
+        if cur.op == "call_function" and cur.target is operator.getitem and isinstance(cur.args[1], tuple):
+            index = cur.args[1]
+            if (len(index) >= 3 and _is_full_slice(index[0]) and _is_full_slice(index[1])
+                    and isinstance(index[2], slice) and index[2].start in (None, 0) and index[2].step in (None, 1)
+                    and all(_is_full_slice(i) for i in index[3:])):
+                chain.append(cur)
+                sliced = True
+                cur = cur.args[0]
+                continue
         if cur.op == "call_method" and cur.target in _PASSTHROUGH_METHODS:
             chain.append(cur)
             cur = cur.args[0]
@@ -161,11 +173,13 @@ def kv_cache(
     gm, graph = qgraph.gm, qgraph.gm.graph
     result = KVCacheResult()
     order = {n: i for i, n in enumerate(graph.nodes)}
-    caches = {n for n in graph.nodes if n.op == "placeholder" and n.name not in qgraph.weights
-              and _val(n) is not None and _val(n).dim() == 4}
+    # Writes into any 4-D tensor are collected, so that a cache created inside the graph (a compiled
+    # prefill that lazily allocates StaticCache) is reported rather than silently left in FP.
+    tensors4d = {n for n in graph.nodes if n.op != "output" and (n.op != "placeholder" or n.name not in qgraph.weights)
+                 and _val(n) is not None and _val(n).dim() == 4}
     writes: dict[fx.Node, list[CacheWrite]] = {}
     for node in graph.nodes:
-        w = _as_write(node, caches)
+        w = _as_write(node, tensors4d)
         if w is not None:
             writes.setdefault(w.cache, []).append(w)
     if not writes:
@@ -188,8 +202,16 @@ def kv_cache(
         vr = _trace_cache_read(parts["v"], aliases)
         if kr is None or vr is None:
             continue  # attention that does not read a written cache (an encoder, a vision tower): not ours
-        (kc, kchain), (vc, vchain) = kr, vr
+        (kc, kchain, ksliced), (vc, vchain, vsliced) = kr, vr
         name = f"attention over {kc.name}"
+        if kc.op != "placeholder" or vc.op != "placeholder":
+            skip(name, "the KV cache is created inside the graph (a compiled prefill allocating StaticCache "
+                       "lazily): call cache.early_initialization(...) before the first compiled call")
+            continue
+        if ksliced or vsliced:
+            skip(name, f"SDPA reads a slice of the cache (is_causal={parts['causal']}), not the cache: "
+                       "the KV4 kernel needs the whole cache and cache positions")
+            continue
         kw, vw = writes.get(kc, []), writes.get(vc, [])
         if len(kw) != 1 or len(vw) != 1:
             skip(name, f"the K/V caches are written {len(kw)}/{len(vw)} times in the graph; expected once each")

@@ -223,3 +223,16 @@ def test_head_order_other_than_repeat_kv_is_not_matched():
 
     r = _compile_and_pass(step, *_args())
     assert r.rewritten == 0
+
+
+def test_cache_created_inside_the_graph_is_reported():
+    """A compiled prefill that allocates the StaticCache lazily has no cache input to rewrite."""
+    model = _llama(layers=1)
+    backend = _Backend()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 5)), past_key_values=StaticCache(model.config, max_cache_len=L))
+    r = backend.results[0]
+    assert r.rewritten == 0
+    assert len(r.records) == 1 and "early_initialization" in r.records[0].reason
