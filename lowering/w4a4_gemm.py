@@ -115,6 +115,35 @@ def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
 
 
 @triton.jit
+def _group_dot(a_ptr, w_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr):
+    """int32 [BLOCK_M, BLOCK_N]: one 64-group's Σ qa·qw (times 256, or 16 for unsigned a)."""
+    if A_UNSIGNED:
+        a8 = _unpack_plain(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+    else:
+        a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+    w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM)
+    return tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
+
+
+@triton.jit
+def _scale_add(acc, part, sa_ptr, sw_ptr, keep, HAS_KEEP: tl.constexpr, MAGIC_I2F: tl.constexpr):
+    """acc + float(part)·sa[m]·sw[n] for one group (times keep, 0 or 1, when HAS_KEEP)."""
+    sa = tl.load(sa_ptr)
+    if HAS_KEEP:
+        sa = sa * keep
+    sw = tl.load(sw_ptr).to(tl.float32)
+    if MAGIC_I2F:
+        # int32 -> fp32 without the I2F instruction (16/clk/SM on Hopper against 128 for FP32
+        # adds): |part| < 2^22, so part + bits(1.5·2^23) is the float 1.5·2^23 + part, exact,
+        # and one subtraction leaves float(part). Same bits as the conversion.
+        f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        f = part.to(tl.float32)
+    return acc + f * (sa[:, None] * sw[None, :])
+
+
+@triton.jit
 def _w4a4_gemm_kernel(
     # packed operands and their per-group scales
     A, SA, W, SW,
@@ -128,6 +157,7 @@ def _w4a4_gemm_kernel(
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
     UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, MAGIC_I2F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -154,27 +184,20 @@ def _w4a4_gemm_kernel(
     sw_ptr = SW + safe_n * stride_swn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, G):
-        if A_UNSIGNED:
-            a8 = _unpack_plain(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
-        else:
-            a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
-        w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM)
-        part = tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
-        sa = tl.load(sa_ptr)
-        sw = tl.load(sw_ptr).to(tl.float32)
-        if MAGIC_I2F:
-            # int32 -> fp32 without the I2F instruction (16/clk/SM on Hopper against 128 for FP32
-            # adds): |part| < 2^22, so part + bits(1.5·2^23) is the float 1.5·2^23 + part, exact,
-            # and one subtraction leaves float(part). Same bits as the conversion.
-            f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-        else:
-            f = part.to(tl.float32)
-        acc += f * (sa[:, None] * sw[None, :])
-        a_ptr += 32
-        w_ptr += 32
-        sa_ptr += 1
-        sw_ptr += 1
+    for g in range(0, G, GROUPS):
+        # GROUPS == 2 issues both groups' MMAs before either's float scaling, so the tensor
+        # cores have work while the CUDA cores scale (the tile config chooses).
+        # With an odd group count the last step's second group re-reads group G−1 (in bounds,
+        # no masks) and is weighted by 0.
+        p0 = _group_dot(a_ptr + g * 32, w_ptr + g * 32, BLOCK_M, BLOCK_N, UNPACK_ASM, A_UNSIGNED)
+        if GROUPS == 2:
+            g1 = tl.minimum(g + 1, G - 1)
+            p1 = _group_dot(a_ptr + g1 * 32, w_ptr + g1 * 32, BLOCK_M, BLOCK_N, UNPACK_ASM,
+                            A_UNSIGNED)
+        acc = _scale_add(acc, p0, sa_ptr + g, sw_ptr + g, 1.0, False, MAGIC_I2F)
+        if GROUPS == 2:
+            keep = (g + 1 < G).to(tl.float32)
+            acc = _scale_add(acc, p1, sa_ptr + g1, sw_ptr + g1, keep, True, MAGIC_I2F)
     if A_UNSIGNED:
         acc = acc * (1.0 / 16.0)
     else:
@@ -199,13 +222,17 @@ def _w4a4_gemm_kernel(
 
 # Tile configurations tried on the GPU (kept as data; the interpreter uses the small one).
 GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [
-        (128, 128, 4, 4), (128, 128, 8, 3), (128, 256, 8, 3),
-        (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4), (16, 64, 4, 4),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
+                  num_stages=s)
+    for bm, bn, w, s, gr in [
+        (128, 128, 4, 4, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1),
+        (128, 128, 8, 3, 2), (128, 128, 4, 3, 2),
+        (64, 128, 4, 4, 1), (128, 64, 4, 4, 1), (64, 64, 4, 4, 1), (32, 64, 4, 4, 1),
+        (16, 64, 4, 4, 1),
     ]
 ]
-_INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2}
+# Two groups a step, so odd group counts test the masked tail under the interpreter.
+_INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": 2}
 
 _w4a4_gemm_tuned = triton.autotune(
     configs=GPU_CONFIGS,
@@ -222,7 +249,8 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
 
     unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. magic_i2f: convert the group
     sums to float with integer arithmetic instead of I2F (same bits). config: a fixed tile
-    configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M"} + num_warps/num_stages) instead of autotuning.
+    configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS"} + num_warps/num_stages) instead of
+    autotuning.
     """
     m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -256,6 +284,7 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
         config = dict(_INTERP_CONFIG)
     if config is not None:
         cfg = dict(config)
+        cfg.setdefault("GROUPS", 1)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         grid = (cdiv(m, bm) * cdiv(n, bn),)
         _w4a4_gemm_kernel[grid](*args, **flags, **cfg)
