@@ -1,0 +1,133 @@
+"""The Inductor hand-off: mode given as torch.compile's mode= or options={"mode": ...} reaches Inductor;
+fullgraph=True over a Llama with a static cache; a decode step never recompiles as the position
+advances; a new batch size recompiles at most once; CUDA graphs (reduce-overhead) on the GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile.backend as qb
+
+
+def _tiny_llama(layers: int = 1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """The list of graphs qoq compiled (one entry per Dynamo compile, recompiles included)."""
+    seen: list[int] = []
+    real = qb.compile_graph
+
+    def counting(gm, example_inputs, config):
+        seen.append(len(example_inputs))
+        return real(gm, example_inputs, config)
+
+    monkeypatch.setattr(qb, "compile_graph", counting)
+    return seen
+
+
+def _generate_static(fwd, lm, batch: int, steps: int, compiles: list, prompt: int = 4, device: str = "cpu"):
+    """Prefill then `steps` greedy decode steps over a StaticCache; returns tokens and compiles per step."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=lm.config, max_cache_len=prompt + steps + 1)
+    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(batch)).to(device)
+    per_step, tokens = [], []
+    with torch.no_grad():
+        out = fwd(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt, device=device), use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(steps):
+            pos = prompt + i
+            before = len(compiles)
+            out = fwd(input_ids=tok, past_key_values=cache, cache_position=torch.tensor([pos], device=device),
+                      position_ids=torch.full((batch, 1), pos, device=device), use_cache=True)
+            per_step.append(len(compiles) - before)
+            tok = out.logits[:, -1:].argmax(-1)
+            tokens.append(tok)
+    return torch.cat(tokens, 1), per_step
+
+
+def test_static_cache_decode_never_recompiles_per_step_and_batch_changes_recompile_once(compiles):
+    lm = _tiny_llama()
+    torch._dynamo.reset()
+    fwd = torch.compile(lm.forward, backend="qoq", fullgraph=True,
+                        options={"inductor": False, "kernels": "reference"})
+    _, steps = _generate_static(fwd, lm, 2, 5, compiles)
+    assert steps[1:] == [0, 0, 0, 0]  # the first decode step compiles the decode graph, then never again
+    assert len(compiles) == 2  # prefill + decode
+    _, steps = _generate_static(fwd, lm, 3, 3, compiles)
+    assert sum(steps) <= 1 and len(compiles) <= 4  # a new batch: each graph recompiles once, dynamic in batch
+    n = len(compiles)
+    for batch in (5, 1):
+        _, steps = _generate_static(fwd, lm, batch, 3, compiles)
+        # after the dynamic recompile, other batch sizes reuse it (1 is specialized by Dynamo: one more at most)
+    assert len(compiles) - n <= 2
+    # the dynamic graph still quantized every linear (no FP fallback on symbolic shapes)
+    import qcompile
+
+    last = qcompile.report(lm).graphs[-1]
+    assert last.qoq_ops.get("qoq.w4a8_gemm") == 7
+
+
+def test_fullgraph_with_the_decode_graph_matches_eager_qoq(compiles):
+    """fullgraph=True succeeds and gives the same tokens as qoq without fullgraph (one graph either way)."""
+    lm = _tiny_llama()
+    torch._dynamo.reset()
+    full = torch.compile(lm.forward, backend="qoq", fullgraph=True, options={"inductor": False, "kernels": "reference"})
+    a, _ = _generate_static(full, lm, 2, 4, compiles)
+    torch._dynamo.reset()
+    loose = torch.compile(lm.forward, backend="qoq", options={"inductor": False, "kernels": "reference"})
+    b, _ = _generate_static(loose, lm, 2, 4, compiles)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["mode_kwarg", "option"])
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_mode_reaches_inductor_either_way(monkeypatch, how, mode):
+    import torch._inductor.compile_fx as cfx
+    from torch._inductor import list_mode_options
+
+    patches = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        patches.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16)).eval()
+    torch._dynamo.reset()
+    if how == "mode_kwarg":
+        compiled = torch.compile(model, backend="qoq", mode=mode)
+    else:
+        compiled = torch.compile(model, backend="qoq", options={"mode": mode, "kernels": "reference"})
+    with torch.no_grad():
+        compiled(torch.randn(2, 32))
+    assert patches == [list_mode_options(mode)] and patches[0]  # a mode that changes nothing would not test this
+
+
+def test_mode_and_options_together_is_torch_compiles_error():
+    with pytest.raises(RuntimeError, match="Either mode or options"):
+        torch.compile(torch.nn.Linear(2, 2), backend="qoq", mode="reduce-overhead", options={"recipe": "w4a8"})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("as_option", [False, True])
+def test_reduce_overhead_cuda_graphs_static_cache_decode(compiles, as_option):
+    """On the GPU: Inductor + CUDA graphs over the decode step; no recompiles per step, same tokens as
+    the same qoq graphs without CUDA graphs."""
+    lm = _tiny_llama(2).cuda().to(torch.bfloat16)
+    kw = {"options": {"mode": "reduce-overhead"}} if as_option else {"mode": "reduce-overhead"}
+    torch._dynamo.reset()
+    fwd = torch.compile(lm.forward, backend="qoq", fullgraph=True, **kw)
+    got, steps = _generate_static(fwd, lm, 2, 6, compiles, device="cuda")
+    assert steps[1:] == [0] * 5
+    torch._dynamo.reset()
+    plain = torch.compile(lm.forward, backend="qoq", fullgraph=True)
+    want, _ = _generate_static(plain, lm, 2, 6, compiles, device="cuda")
+    assert float((got == want).float().mean()) >= 0.9  # same graphs; CUDA graphs only replay them
