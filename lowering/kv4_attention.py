@@ -77,7 +77,7 @@ def _kv4_attention_kernel(
     sob, soh, sot, sod,                  # out [B, Hq, Tq, D] (written when NUM_SPLITS == 1)
     Hkv, Hq, Tq, L, D2, split_len, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -131,7 +131,11 @@ def _kv4_attention_kernel(
         s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
         if HAS_MASK:
             mp = MASK + b * smb + qh[:, None] * smh + t[:, None] * smt + n[None, :] * sml
-            s += tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+            if MASK_BOOL:  # read as bytes: True = attend
+                keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
+                s = tl.where(keep != 0, s, float("-inf"))
+            else:
+                s += tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
 
         # Online softmax in base 2; a row that has seen only -inf keeps m = -inf and uses 0 as its
@@ -229,10 +233,11 @@ def kv4_attention_triton(
     split_len = cdiv(tiles, num_splits) * block_n
     num_splits = cdiv(length, split_len)
 
+    mask_bool = attn_mask is not None and attn_mask.dtype == torch.bool
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros(attn_mask.shape, dtype=torch.float32, device=q.device).masked_fill(
-                ~attn_mask, float("-inf"))
+        # bool masks are read in place as bytes (no float mask materialized per layer and step)
+        if mask_bool:
+            attn_mask = attn_mask.view(torch.uint8)
         while attn_mask.dim() < 4:
             attn_mask = attn_mask.unsqueeze(0)
         attn_mask = attn_mask.expand(b, hq, tq, length)
@@ -251,7 +256,7 @@ def kv4_attention_triton(
         *mask_strides, *out.stride(),
         hkv, hq, tq, length, d2, split_len, scale * _LOG2E,
         G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2,
-        NUM_SPLITS=num_splits, HAS_MASK=attn_mask is not None,
+        NUM_SPLITS=num_splits, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool,
         DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
         num_warps=4,
     )
