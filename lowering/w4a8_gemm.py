@@ -154,9 +154,31 @@ def _unpack_halves(b, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE: tl.constexpr, USE_ASM
 
 
 @triton.jit
-def _load_scales(gs_rows, gz_rows, t, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr):
+def _split4(v4, BLOCK_N: tl.constexpr):
+    """[BLOCK_N, 4] -> its four columns (two splits of the last axis; free when a thread holds the row)."""
+    va, vb = tl.split(tl.reshape(v4, (BLOCK_N, 2, 2)))
+    v0, v2 = tl.split(va)
+    v1, v3 = tl.split(vb)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _load_scales(gs_rows, gz_rows, t, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr,
+                 VEC_SCALES: tl.constexpr, BLOCK_N: tl.constexpr):
     """(s2, z·s2) of the low and high halves of K tile t, [BLOCK_N] uint8 each (groups of >= 64)."""
-    if PROGRESSIVE and GROUP_SIZE >= 64:
+    if PROGRESSIVE and VEC_SCALES:
+        # Group 128: load the aligned 4-byte word of each row that holds tile t's group. Four
+        # bytes is wide enough for the async-copy pipeline, so the load leaves the loop's
+        # critical path (single-byte loads stalled every iteration; worst at K = 14336).
+        g0 = tl.multiple_of((t // 4) * 4, 4)
+        s0, s1, s2, s3 = _split4(tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
+        z0, z1, z2, z3 = _split4(tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
+        r = t % 4
+        s_lo = tl.where(r == 0, s0, tl.where(r == 1, s1, tl.where(r == 2, s2, s3)))
+        z_lo = tl.where(r == 0, z0, tl.where(r == 1, z1, tl.where(r == 2, z2, z3)))
+        s_hi = s_lo
+        z_hi = z_lo
+    elif PROGRESSIVE and GROUP_SIZE >= 64:
         g_lo = (t * 128) // GROUP_SIZE
         s_lo = tl.load(gs_rows + g_lo)
         z_lo = tl.load(gz_rows + g_lo)
@@ -224,6 +246,7 @@ def _w4a8_gemm_kernel(
     stride_xm, stride_wn, stride_gn, stride_ym,
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % 128 == 0: no K mask on the activation loads
+    VEC_SCALES: tl.constexpr,  # group 128, G % 4 == 0: group scales read as aligned 4-byte words
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP: tl.constexpr,  # weights as the MMA's A operand
     UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
@@ -272,29 +295,22 @@ def _w4a8_gemm_kernel(
     # scale loads together: one exposed load latency per UNROLL tiles. The launcher makes the
     # split's tile count a multiple of UNROLL.
     for t in range(t_begin, t_end, UNROLL):
-        if UNROLL == 4 and PROGRESSIVE and GROUP_SIZE == 128:
-            # The four tiles' groups are four adjacent bytes of each row: one 4-byte load per row
-            # for s2 and one for z·s2 instead of eight single bytes, split in registers.
+        if UNROLL == 4 and PROGRESSIVE and VEC_SCALES:
+            # The four tiles' groups are the four bytes of one aligned word per row.
             g0 = tl.multiple_of(t, 4)
-            s4 = tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
-            z4 = tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
-            sa, sb = tl.split(tl.reshape(s4, (BLOCK_N, 2, 2)))
-            za, zb = tl.split(tl.reshape(z4, (BLOCK_N, 2, 2)))
-            s0, s2 = tl.split(sa)
-            s1, s3 = tl.split(sb)
-            z0, z2 = tl.split(za)
-            z1, z3 = tl.split(zb)
+            s0, s1, s2, s3 = _split4(tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
+            z0, z1, z2, z3 = _split4(tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
             sc0 = (s0, z0, s0, z0)
             sc1 = (s1, z1, s1, z1)
             sc2 = (s2, z2, s2, z2)
             sc3 = (s3, z3, s3, z3)
         else:
-            sc0 = _load_scales(gs_rows, gz_rows, t, GROUP_SIZE, PROGRESSIVE)
+            sc0 = _load_scales(gs_rows, gz_rows, t, GROUP_SIZE, PROGRESSIVE, VEC_SCALES, BLOCK_N)
             if UNROLL >= 2:
-                sc1 = _load_scales(gs_rows, gz_rows, t + 1, GROUP_SIZE, PROGRESSIVE)
+                sc1 = _load_scales(gs_rows, gz_rows, t + 1, GROUP_SIZE, PROGRESSIVE, VEC_SCALES, BLOCK_N)
             if UNROLL >= 4:
-                sc2 = _load_scales(gs_rows, gz_rows, t + 2, GROUP_SIZE, PROGRESSIVE)
-                sc3 = _load_scales(gs_rows, gz_rows, t + 3, GROUP_SIZE, PROGRESSIVE)
+                sc2 = _load_scales(gs_rows, gz_rows, t + 2, GROUP_SIZE, PROGRESSIVE, VEC_SCALES, BLOCK_N)
+                sc3 = _load_scales(gs_rows, gz_rows, t + 3, GROUP_SIZE, PROGRESSIVE, VEC_SCALES, BLOCK_N)
         acc = _tile(acc, x_rows, x_mask, w_rows, gs_rows, gz_rows, t, K, offs_h, sc0,
                     GROUP_SIZE, PROGRESSIVE, USE_ASM, EVEN_K, SWAP, BLOCK_N)
         if UNROLL >= 2:
@@ -427,6 +443,8 @@ def w4a8_gemm_triton(
     group_size = qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD
     if cdiv(K, K_PAD) % unroll:
         unroll = 1  # the kernel's splits hold whole UNROLL groups of tiles
+    vec_scales = (progressive and group_size == 128 and gscale.shape[1] % 4 == 0 and gscale.stride(0) % 4 == 0
+                  and gscale.stride(1) == 1)
     grid = (cdiv(M, bm) * cdiv(N, bn), split)
     _w4a8_gemm_kernel[grid](
         x8, sx.reshape(-1), xsum.reshape(-1), qweight, wscale,
@@ -435,7 +453,7 @@ def w4a8_gemm_triton(
         M, N, K,
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-        EVEN_K=K % K_PAD == 0, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
+        EVEN_K=K % K_PAD == 0, VEC_SCALES=vec_scales, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
         num_warps=nw, num_stages=ns,
     )
     return (y.to(out_dtype) if split > 1 else y).reshape(*lead, N)
