@@ -132,6 +132,12 @@ class FallbackGuard:
 
         self.qgraph, self.config, self.record = qgraph, config, record
         self.fp_graph = copy.deepcopy(qgraph.gm.graph)  # nodes and meta only: weights are not copied
+        # Dynamo sets attributes on nodes (placeholders' `_dynamo_source`, which AOTAutograd needs)
+        # that copying a graph drops: carry them over.
+        for old, new in zip(qgraph.gm.graph.nodes, self.fp_graph.nodes):
+            for key, value in vars(old).items():
+                if key not in vars(new):
+                    setattr(new, key, value)
         self.buffers = set(qgraph.gm._buffers)
         self.dumper = GraphDumper(debug_dir(config), record.graph_id)
 
