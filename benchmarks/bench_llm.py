@@ -1,0 +1,303 @@
+"""Decode speed of a Llama-3-8B-shaped transformers model: qoq vs torch.compile bf16 vs fp8 per-row
+`torch._scaled_mm`, static cache, tokens/s per batch size, compile time, weight memory and the largest
+batch that fits a 40 GB budget (weights + cache). Random weights made on the GPU; prints a table, writes JSON.
+
+    python benchmarks/bench_llm.py --out $OUT/bench_llm.json               # 32 layers, batches 1 16 64 256
+    python benchmarks/bench_llm.py --layers 2 --batches 1 16 --steps 8     # a short trial
+    python benchmarks/bench_llm.py --smoke                                  # tiny model on the CPU: checks the script
+
+Each batch gets a StaticCache of prompt + gen tokens whose first `prompt` positions hold random K/V (the
+prompt's content does not change the cost: the static cache's attention reads all max_cache_len slots
+under a mask), then `--steps` greedy decode steps from position `prompt` are timed with CUDA events
+after `--warmup` steps. Every method runs its forward under torch.compile(fullgraph=True) with CUDA
+graphs (mode="reduce-overhead") and dynamic batch; the compile time is the first call's wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, num_hidden_layers=32, max_position_embeddings=8192, rope_theta=500000.0)
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+            num_key_value_heads=2, num_hidden_layers=1, max_position_embeddings=512)
+GiB = 1 << 30
+
+
+def build_model(dims: dict, layers: int, device: str, dtype: torch.dtype):
+    """A Llama with random weights made directly on `device` (no CPU copy of 16 GB)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**dict(dims, num_hidden_layers=layers), tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:  # std 0.02 as Llama's init: logits stay finite in bf16
+                p.normal_(0.0, 0.02, generator=g)
+    # to_empty left the rotary table undefined: build it again on the device from the config.
+    rot = model.model.rotary_emb
+    with torch.device(device):
+        model.model.rotary_emb = type(rot)(config=cfg)
+    return model.eval()
+
+
+class Fp8Linear(nn.Module):
+    """The fp8 baseline: per-row e4m3 weights, per-token dynamic e4m3 activations, torch._scaled_mm."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
+        self.register_buffer("w8", (w / scale).to(torch.float8_e4m3fn))  # [N, K]
+        self.register_buffer("w_scale", scale.t().contiguous())  # [1, N]
+        self.bias = linear.bias
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        sx = x2.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / 448.0
+        x8 = (x2.float() / sx).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=sx, scale_b=self.w_scale, out_dtype=x.dtype, use_fast_accum=True)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def to_fp8(model) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """Swap the decoder's linears for Fp8Linear; returns what to swap back."""
+    swapped = []
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Fp8Linear(child))
+                    swapped.append((parent, name, child))
+    return swapped
+
+
+def make_cache(model, batch: int, max_len: int, prompt: int, device: str):
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    if hasattr(cache, "early_initialization"):
+        cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, dtype, torch.device(device))
+    else:
+        kv = torch.zeros(batch, cfg.num_key_value_heads, 1, head_dim, dtype=dtype, device=device)
+        for layer in cache.layers:
+            layer.lazy_initialization(kv, kv)
+    g = torch.Generator(device=device).manual_seed(batch)
+    for layer in cache.layers:  # the prompt's K/V: random, never zeros
+        for t in (layer.keys, layer.values):
+            t[:, :, :prompt].normal_(0, 1, generator=g)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def decode(fwd, model, batch: int, a, device: str) -> dict:
+    """Warm-up then timed greedy decode steps from position `prompt`; returns ms per step and more."""
+    cache = make_cache(model, batch, a.prompt + a.gen, a.prompt, device)
+    tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=device,
+                        generator=torch.Generator(device=device).manual_seed(7))
+    first_s = None
+
+    def step(pos: int):
+        out = fwd(input_ids=tok, past_key_values=cache, use_cache=True,
+                  cache_position=torch.full((1,), pos, device=device, dtype=torch.long),
+                  position_ids=torch.full((batch, 1), pos, device=device, dtype=torch.long))
+        return out.logits[:, -1:].argmax(-1)
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    pos = a.prompt
+    with torch.no_grad():
+        for i in range(a.warmup):
+            t0 = time.perf_counter()
+            tok = step(pos)
+            sync()
+            if i == 0:
+                first_s = time.perf_counter() - t0
+            pos += 1
+        t0 = time.perf_counter()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        for _ in range(a.steps):
+            tok = step(pos)
+            pos += 1
+        if device == "cuda":
+            end.record()
+            sync()
+            ms = start.elapsed_time(end) / a.steps
+        else:
+            ms = (time.perf_counter() - t0) * 1e3 / a.steps
+    row = {"batch": batch, "step_ms": round(ms, 3), "tokens_per_s": round(batch * 1e3 / ms, 1),
+           "first_call_s": round(first_s, 2), "cache_GiB": round(cache_bytes(cache) / GiB, 2),
+           "last_tokens": tok[:4, 0].tolist()}
+    if device == "cuda":
+        row["peak_GiB"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+    del cache
+    return row
+
+
+def weight_bytes(model, extra: int = 0) -> int:
+    from runtime.weights import storage_bytes
+
+    return storage_bytes(list(model.parameters()) + list(model.buffers())) + extra
+
+
+def run_method(name: str, fwd, model, a, device: str, weights: int) -> dict:
+    rows = []
+    for batch in a.batches:
+        try:
+            rows.append(decode(fwd, model, batch, a, device))
+        except torch.OutOfMemoryError as e:
+            rows.append({"batch": batch, "error": f"out of memory: {str(e)[:120]}"})
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        print(f"  {name} batch {batch}: {rows[-1]}", flush=True)
+    cfg = model.config
+    kv_per_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) \
+        * (a.prompt + a.gen) * 2  # bf16 K and V for prompt + gen tokens
+    budget = a.budget_gb * 1e9
+    return {"method": name, "weights_GiB": round(weights / GiB, 3), "rows": rows,
+            "max_batch_in_budget": max(0, int((budget - weights) // kv_per_seq))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--gen", type=int, default=256, help="cache room for generated tokens")
+    p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=["bf16", "fp8", "qoq"])
+    p.add_argument("--recipe", default="w4a8-g128")
+    p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--budget-gb", type=float, default=40.0)
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, reference kernels, no Inductor")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = "cpu" if a.smoke else "cuda"
+    dims = TINY if a.smoke else LLAMA3_8B
+    if a.smoke:
+        a.layers, a.prompt, a.gen, a.steps, a.warmup, a.batches = 1, 8, 8, 2, 1, [1, 2]
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    torch._dynamo.config.cache_size_limit = 64
+
+    t0 = time.perf_counter()
+    model = build_model(dims, a.layers, device, dtype)
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "layers": a.layers, "prompt": a.prompt, "gen": a.gen,
+            "steps": a.steps, "mode": a.mode, "recipe": a.recipe, "build_s": round(time.perf_counter() - t0, 1)}
+    print(info, flush=True)
+    results = []
+
+    def compile_fwd(backend: str, options=None):
+        torch._dynamo.reset()
+        kw = {}
+        if a.smoke:
+            backend = "aot_eager" if backend == "inductor" else backend
+            options = dict(options or {}, inductor=False, kernels="reference") if backend == "qoq" else options
+        elif backend == "inductor":
+            kw["mode"] = a.mode
+        else:
+            options = dict(options or {}, mode=a.mode)
+        return torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=None, options=options, **kw)
+
+    for method in a.methods:
+        if method == "bf16":
+            fwd = compile_fwd("inductor")
+            results.append(run_method("bf16", fwd, model, a, device, weight_bytes(model)))
+        elif method == "fp8":
+            if a.smoke:
+                print("  fp8: skipped on the CPU")
+                continue
+            swapped = to_fp8(model)
+            fp8_w = sum(m.w8.numel() + m.w_scale.numel() * 4 for parent, name, _ in swapped
+                        for m in [getattr(parent, name)])
+            fp_rest = weight_bytes(model) - sum(l.weight.numel() * 2 for _, _, l in swapped)
+            fwd = compile_fwd("inductor")
+            results.append(run_method("fp8", fwd, model, a, device, fp_rest))
+            for parent, name, lin in swapped:
+                setattr(parent, name, lin)
+            del swapped, fwd
+            results[-1]["weights_note"] = f"fp8 linears {fp8_w / GiB:.2f} GiB + FP rest"
+        elif method == "qoq":
+            if device == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+            fwd = compile_fwd("qoq", {"recipe": a.recipe, "release_fp_weights": True})
+            res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0)
+            import qcompile
+            from passes.quantize import _CACHE
+
+            packed = sum(qw.nbytes for p_ in model.parameters() for qw in _CACHE.get(p_, {}).values())
+            held = weight_bytes(model)
+            res["weights_GiB"] = round((held + packed) / GiB, 3)
+            res["packed_GiB"] = round(packed / GiB, 3)
+            rep = qcompile.report(model)
+            q_layers = [l for l in rep.layers if l.quantized]
+            res["released"] = sum(l.details.get("fp_weight") == "released" for l in q_layers)
+            res["quantized_layers"] = len({l.name for l in q_layers})
+            # GPU memory of the quantized layers: their FP storage (released: 0) + packed tensors.
+            qp = [p_ for n_, p_ in model.named_parameters() if n_.rsplit(".", 1)[0] in {l.name for l in q_layers}]
+            from runtime.weights import storage_bytes
+
+            res["quantized_layers_GiB"] = round((storage_bytes(qp) + packed) / GiB, 3)
+            res["quantized_layers_over_packed"] = round((storage_bytes(qp) + packed) / max(packed, 1), 3)
+            c = model.config
+            kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * (a.prompt + a.gen) * 2
+            res["max_batch_in_budget"] = max(0, int((a.budget_gb * 1e9 - held - packed) // kv))
+            results.append(res)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    out = {"info": info, "results": results}
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+    base = {r["batch"]: r for r in results[0]["rows"]} if results else {}
+    print(f"\n{info['device']}, {a.layers} layers, prompt {a.prompt}, {a.steps} timed steps, mode {a.mode}, {info['date']}")
+    print(f"{'method':<16} {'batch':>5} {'step ms':>9} {'tok/s':>9} {'x bf16':>7} {'1st call s':>10} {'weights GiB':>11} {'max B@40GB':>10}")
+    for r in results:
+        for row in r["rows"]:
+            if "error" in row:
+                print(f"{r['method']:<16} {row['batch']:>5} {row['error'][:60]}")
+                continue
+            b = base.get(row["batch"], {})
+            ratio = b["step_ms"] / row["step_ms"] if "step_ms" in b else float("nan")
+            print(f"{r['method']:<16} {row['batch']:>5} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} {ratio:>7.2f} "
+                  f"{row['first_call_s']:>10.1f} {r['weights_GiB']:>11.2f} {r['max_batch_in_budget']:>10}")
+    for r in results:
+        if "packed_GiB" in r:
+            print(f"{r['method']}: {r['quantized_layers']} layers quantized, FP storage released for {r['released']}; "
+                  f"their GPU memory {r['quantized_layers_GiB']:.3f} GiB = {r['quantized_layers_over_packed']:.3f}x the "
+                  f"packed size ({r['packed_GiB']:.3f} GiB); model weights held {r['weights_GiB']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
