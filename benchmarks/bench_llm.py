@@ -226,28 +226,27 @@ def main() -> None:
             options = dict(options or {}, mode=a.mode)
         return torch.compile(model.forward, backend=backend, fullgraph=True, dynamic=None, options=options, **kw)
 
-    for method in a.methods:
+    def run_one(method: str) -> None:
         if method == "bf16":
             fwd = compile_fwd("inductor")
             results.append(run_method("bf16", fwd, model, a, device, weight_bytes(model)))
         elif method == "fp8":
             if a.smoke:
                 print("  fp8: skipped on the CPU")
-                continue
+                return
             swapped = to_fp8(model)
             fp8_w = sum(m.w8.numel() + m.w_scale.numel() * 4 for parent, name, _ in swapped
                         for m in [getattr(parent, name)])
             fp_rest = weight_bytes(model) - sum(l.weight.numel() * 2 for _, _, l in swapped)
-            fwd = compile_fwd("inductor")
-            results.append(run_method("fp8", fwd, model, a, device, fp_rest))
-            for parent, name, lin in swapped:
-                setattr(parent, name, lin)
+            try:
+                fwd = compile_fwd("inductor")
+                results.append(run_method("fp8", fwd, model, a, device, fp_rest))
+            finally:  # the methods after this one need the bf16 linears back
+                for parent, name, lin in swapped:
+                    setattr(parent, name, lin)
             del swapped, fwd
             results[-1]["weights_note"] = f"fp8 linears {fp8_w / GiB:.2f} GiB + FP rest"
         elif method == "qoq":
-            if device == "cuda":
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
             fwd = compile_fwd("qoq", {"recipe": a.recipe, "release_fp_weights": True})
             res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0)
             import qcompile
@@ -259,7 +258,7 @@ def main() -> None:
             res["packed_GiB"] = round(packed / GiB, 3)
             rep = qcompile.report(model)
             q_layers = [l for l in rep.layers if l.quantized]
-            res["released"] = sum(l.details.get("fp_weight") == "released" for l in q_layers)
+            res["released"] = len({l.name for l in q_layers if l.details.get("fp_weight") == "released"})
             res["quantized_layers"] = len({l.name for l in q_layers})
             # GPU memory of the quantized layers: their FP storage (released: 0) + packed tensors.
             qp = [p_ for n_, p_ in model.named_parameters() if n_.rsplit(".", 1)[0] in {l.name for l in q_layers}]
@@ -271,15 +270,26 @@ def main() -> None:
             kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * (a.prompt + a.gen) * 2
             res["max_batch_in_budget"] = max(0, int((a.budget_gb * 1e9 - held - packed) // kv))
             results.append(res)
+
+    def write_json() -> None:
+        if a.out:
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump({"info": info, "results": results}, f, indent=1)
+
+    for method in a.methods:
+        try:
+            run_one(method)
+        except Exception as e:  # one method failing still leaves the others' rows
+            import traceback
+
+            traceback.print_exc()
+            results.append({"method": method, "rows": [], "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        torch._dynamo.reset()
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-
-    out = {"info": info, "results": results}
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json()  # after each method: a run cut short still leaves its rows
     base = {r["batch"]: r for r in results[0]["rows"]} if results else {}
     print(f"\n{info['device']}, {a.layers} layers, prompt {a.prompt}, {a.steps} timed steps, mode {a.mode}, {info['date']}")
     print(f"{'method':<16} {'batch':>5} {'step ms':>9} {'tok/s':>9} {'x bf16':>7} {'1st call s':>10} {'weights GiB':>11} {'max B@40GB':>10}")
