@@ -423,7 +423,9 @@ def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
     first = group[0]
     dtype = _out_dtype(first.node, first.x)
     stem = first.fqn
-    smooth_inv = qgraph.add_constant(f"{stem}.smooth_inv", (1.0 / joint.smooth).float(), first.node)
+    # (0, 0) won the search: no smoothing, so no multiply in the kernel either.
+    smooth_inv = None if bool((joint.smooth == 1).all()) else qgraph.add_constant(
+        f"{stem}.smooth_inv", (1.0 / joint.smooth).float(), first.node)
     rank = joint.l_down.shape[1]
     l_down = qgraph.add_constant(f"{stem}.l_down", joint.l_down.to(dtype), first.node) if rank else None
     unsigned = joint.act_shift is not None
