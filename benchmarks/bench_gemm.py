@@ -78,31 +78,32 @@ INT8_CONFIGS = [
 ]
 
 
-def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8):
+def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8, vec=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, num_warps=nw, num_stages=ns,
-                SWAP=swap, UNROLL=unroll)
+                SWAP=swap, UNROLL=unroll, VEC=vec)
 
 
 # The search space per M bucket (bench --sweep times each on every shape and keeps the fastest).
 _SMALL = [
-    _c(16, 32, 4, 4, 4), _c(16, 32, 4, 3, 4), _c(16, 16, 2, 4, 4), _c(16, 64, 4, 4, 4), _c(16, 64, 8, 4, 4),
-    _c(16, 128, 8, 3, 4), _c(16, 32, 8, 4, 4), _c(16, 64, 4, 3, 4, split=4), _c(16, 32, 4, 3, 4, split=4),
-    _c(16, 64, 4, 3, 4, swap=True), _c(16, 64, 4, 4, 2, swap=True), _c(16, 128, 8, 3, 4, swap=True),
-    _c(16, 64, 4, 4, 1, swap=True), _c(16, 32, 4, 4, 1),
+    _c(16, 32, 4, 4, 4), _c(16, 32, 4, 3, 4), _c(16, 16, 2, 4, 4), _c(16, 64, 4, 4, 4), _c(16, 64, 4, 3, 4, split=4),
+    _c(16, 32, 4, 3, 4, split=4), _c(16, 64, 4, 3, 4, split=2), _c(16, 64, 4, 3, 4, swap=True),
+    _c(16, 64, 4, 4, 2, swap=True), _c(16, 64, 4, 4, 2, swap=True, vec=True), _c(16, 128, 8, 3, 4),
+    _c(16, 32, 4, 4, 2, vec=True),
 ]
 CANDIDATES = {
     "1": _SMALL,
     "16": _SMALL,
-    "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4), _c(64, 64, 4, 4, swap=True),
+    "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4, 2, vec=True), _c(64, 64, 4, 4, swap=True),
            _c(64, 64, 4, 3, 2, swap=True), _c(32, 64, 4, 3, 2, split=2), _c(64, 128, 4, 4, swap=True),
-           _c(32, 128, 8, 4, swap=True)],
+           _c(64, 64, 4, 4, swap=True, vec=True)],
     "256": [_c(128, 64, 4, 4), _c(64, 128, 4, 3, 4), _c(128, 128, 8, 3, swap=True), _c(128, 128, 4, 4, swap=True),
-            _c(128, 64, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True), _c(64, 64, 4, 4, swap=True),
-            _c(128, 128, 4, 3, 2, split=2, swap=True), _c(128, 64, 4, 4, split=2, swap=True)],
-    "1024": [_c(128, 128, 4, 4), _c(128, 128, 4, 4, swap=True), _c(128, 128, 4, 3, swap=True),
-             _c(128, 128, 4, 5, swap=True), _c(128, 128, 4, 4, swap=True, gm=16), _c(128, 256, 8, 3, swap=True),
-             _c(128, 256, 8, 2, 4, swap=True), _c(256, 128, 8, 3, swap=True), _c(128, 128, 8, 4, swap=True),
-             _c(64, 128, 4, 4, swap=True)],
+            _c(128, 64, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True, vec=True),
+            _c(128, 64, 4, 4, swap=True, vec=True), _c(128, 128, 4, 3, 2, split=2, swap=True),
+            _c(128, 128, 4, 3, 2, split=2, swap=True, vec=True), _c(64, 64, 4, 4, swap=True)],
+    "1024": [_c(128, 128, 4, 4, swap=True), _c(128, 128, 4, 4, swap=True, vec=True), _c(128, 128, 4, 4, swap=True, gm=16),
+             _c(128, 128, 4, 4, swap=True, gm=16, vec=True), _c(128, 128, 4, 3, swap=True),
+             _c(128, 128, 8, 4, swap=True), _c(128, 128, 8, 4, swap=True, vec=True), _c(128, 256, 8, 2, 4, swap=True),
+             _c(256, 128, 8, 3, swap=True), _c(128, 128, 4, 4)],
 }
 CANDIDATES["4096"] = CANDIDATES["1024"]
 CANDIDATES["big"] = CANDIDATES["1024"]
@@ -281,6 +282,8 @@ def run(args) -> list[dict]:
                     # Checked in bf16 output (the timed specialization, already compiled), so within rounding.
                     ref = wg.w4a8_gemm_reference(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None, torch.bfloat16).float()
                     for cfg in CANDIDATES[bucket]:
+                        if cfg["VEC"] and fmt != "g128":
+                            continue  # only the group scales have a word-load variant
                         try:
                             got = wg.w4a8_gemm_triton(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None,
                                                       torch.bfloat16, config=cfg).float()

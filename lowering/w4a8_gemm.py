@@ -246,7 +246,8 @@ def _w4a8_gemm_kernel(
     stride_xm, stride_wn, stride_gn, stride_ym,
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % 128 == 0: no K mask on the activation loads
-    VEC_SCALES: tl.constexpr,  # group 128, G % 4 == 0: group scales read as aligned 4-byte words
+    WORD_SCALES_OK: tl.constexpr,  # group 128, G % 4 == 0: group scales can be read as aligned 4-byte words
+    VEC_SCALES: tl.constexpr,  # ... and are, at UNROLL 1 and 2 (tuned: it wins at K = 14336, loses at 4096)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP: tl.constexpr,  # weights as the MMA's A operand
     UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
@@ -295,7 +296,7 @@ def _w4a8_gemm_kernel(
     # scale loads together: one exposed load latency per UNROLL tiles. The launcher makes the
     # split's tile count a multiple of UNROLL.
     for t in range(t_begin, t_end, UNROLL):
-        if UNROLL == 4 and PROGRESSIVE and VEC_SCALES:
+        if UNROLL == 4 and PROGRESSIVE and WORD_SCALES_OK:
             # The four tiles' groups are the four bytes of one aligned word per row.
             g0 = tl.multiple_of(t, 4)
             s0, s1, s2, s3 = _split4(tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
@@ -345,12 +346,12 @@ def _w4a8_gemm_kernel(
 
 
 # ---- configs -------------------------------------------------------------------------------------
-# A config: BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, num_warps, num_stages, SWAP, UNROLL (BLOCK_K is
+# A config: BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, num_warps, num_stages, SWAP, UNROLL, VEC (BLOCK_K is
 # the 128 of the layout). Tuned ones live as JSON per GPU in lowering/configs/ (written by benchmarks/bench_gemm.py
 # --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
 M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL")
-CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC")
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -376,17 +377,17 @@ def _tuned_table(index: int) -> dict:
 
 
 def heuristic_config(M: int, N: int, K: int, sms: int = 132) -> dict:
-    """Tile shapes by M bucket when no tuned config exists for the GPU."""
+    """Tile shapes by M bucket when no tuned config exists for the GPU (the H100 sweep's usual winners)."""
     if M <= 16:
-        # Memory-bound: narrow N tiles give every SM a program without split-K (no atomics).
-        bn = 32 if cdiv(N, 32) >= sms else 16
-        return dict(BLOCK_M=16, BLOCK_N=bn, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=6)
+        # Memory-bound: narrow N tiles give every SM a program; split K when N alone cannot.
+        split = 1 if cdiv(N, 32) >= sms else 4
+        return dict(BLOCK_M=16, BLOCK_N=32, GROUP_M=1, SPLIT_K=split, num_warps=4, num_stages=4, UNROLL=4)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=4, SPLIT_K=1, num_warps=4, num_stages=5)
+        return dict(BLOCK_M=32, BLOCK_N=64, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4, UNROLL=2)
     if M <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4)
-    # The unpack costs per weight tile and the MMA per tile area: tall tiles amortize the unpack.
-    return dict(BLOCK_M=256, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4, SWAP=True)
+    # Weights as the MMA's A operand with 128x128 tiles and four warps won every large-M shape.
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, SPLIT_K=1, num_warps=4, num_stages=4, SWAP=True)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -404,7 +405,7 @@ def choose_config(bucket: str, N: int, K: int, progressive: bool, device_index: 
 
 def _interpreter_config(M: int) -> tuple:
     # Interpreter: few large programs run fastest (numpy does the work per program).
-    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1)
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -427,11 +428,11 @@ def w4a8_gemm_triton(
     progressive = gscale is not None
     on_gpu = x8.is_cuda and not interpreter_enabled()
     if config is not None:
-        bm, bn, gm, split, nw, ns, swap, unroll = (config.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
+        bm, bn, gm, split, nw, ns, swap, unroll, vec = (config.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
     elif on_gpu:
-        bm, bn, gm, split, nw, ns, swap, unroll = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
+        bm, bn, gm, split, nw, ns, swap, unroll, vec = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
     else:
-        bm, bn, gm, split, nw, ns, swap, unroll = _interpreter_config(M)
+        bm, bn, gm, split, nw, ns, swap, unroll, vec = _interpreter_config(M)
     if use_asm is None:
         use_asm = on_gpu
     if split > 1:
@@ -443,8 +444,8 @@ def w4a8_gemm_triton(
     group_size = qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD
     if cdiv(K, K_PAD) % unroll:
         unroll = 1  # the kernel's splits hold whole UNROLL groups of tiles
-    vec_scales = (progressive and group_size == 128 and gscale.shape[1] % 4 == 0 and gscale.stride(0) % 4 == 0
-                  and gscale.stride(1) == 1)
+    word_ok = (progressive and group_size == 128 and gscale.shape[1] % 4 == 0 and gscale.stride(0) % 4 == 0
+               and gscale.stride(1) == 1 and gzero.stride(0) == gscale.stride(0) and gzero.stride(1) == 1)
     grid = (cdiv(M, bm) * cdiv(N, bn), split)
     _w4a8_gemm_kernel[grid](
         x8, sx.reshape(-1), xsum.reshape(-1), qweight, wscale,
@@ -453,7 +454,7 @@ def w4a8_gemm_triton(
         M, N, K,
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
-        EVEN_K=K % K_PAD == 0, VEC_SCALES=vec_scales, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
+        EVEN_K=K % K_PAD == 0, WORD_SCALES_OK=word_ok, VEC_SCALES=bool(word_ok and vec), BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
         num_warps=nw, num_stages=ns,
     )
     return (y.to(out_dtype) if split > 1 else y).reshape(*lead, N)
