@@ -90,6 +90,8 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
         )
     given = dict(options)
     recipe = options.pop("recipe", QoQConfig.recipe)
+    if not isinstance(recipe, str):
+        raise QoQConfigError(f"option recipe={recipe!r}: expected a recipe name (str), one of {', '.join(RECIPES)}")
     if recipe in PLANNED_RECIPES:
         raise QoQConfigError(
             f"recipe={recipe!r} is not available yet: it needs {PLANNED_RECIPES[recipe]}. "
