@@ -76,6 +76,8 @@ VARIANTS = [
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, UNROLL=4),
     dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, UNROLL=2, SWAP=True),
     dict(BLOCK_M=32, BLOCK_N=32, SPLIT_K=2, UNROLL=2, SWAP=True),
+    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, UNROLL=1, VEC=True),
+    dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=2, UNROLL=2, SWAP=True, VEC=True),
 ]
 
 
@@ -106,6 +108,32 @@ def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt, cfg):
         pure = w4a8_gemm_triton(*a, use_asm=False, config=cfg)
         assert torch.equal(asm, pure)
         assert torch.equal(asm, w4a8_gemm_reference(*a))
+
+
+def test_tuned_configs_are_read_per_gpu_and_fall_back(tmp_path, monkeypatch):
+    import json
+
+    import lowering.w4a8_gemm as wg
+
+    table = {"configs": {"progressive": {"4096,4096": {"16": dict(BLOCK_M=16, BLOCK_N=64, SWAP=True)}}},
+             "default": {"progressive": {"16": dict(BLOCK_M=16, BLOCK_N=16)}}}
+    (tmp_path / "fake-gpu-80gb.json").write_text(json.dumps(table))
+    monkeypatch.setattr(wg, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU 80GB")
+    monkeypatch.setattr(wg, "_sm_count", lambda index: 132)
+    wg._tuned_table.cache_clear()
+    wg.choose_config.cache_clear()
+    try:
+        exact = dict(zip(wg.CONFIG_KEYS, wg.choose_config(wg.m_bucket(9), 4096, 4096, True, 0, 9)))
+        assert exact["BLOCK_N"] == 64 and exact["SWAP"] is True and exact["num_warps"] == 4  # defaults filled
+        other_shape = dict(zip(wg.CONFIG_KEYS, wg.choose_config("16", 6144, 4096, True, 0, 16)))
+        assert other_shape["BLOCK_N"] == 16  # the bucket's default over shapes
+        no_entry = dict(zip(wg.CONFIG_KEYS, wg.choose_config("big", 4096, 4096, False, 0, 4096)))
+        assert no_entry == dict(zip(wg.CONFIG_KEYS, wg.choose_config.__wrapped__("big", 1, 1, False, 0, 4096)))
+    finally:
+        wg._tuned_table.cache_clear()
+        wg.choose_config.cache_clear()
+    assert wg.m_bucket(1) == "1" and wg.m_bucket(17) == "64" and wg.m_bucket(5000) == "big"
 
 
 def test_fake_shapes():
