@@ -108,18 +108,18 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
         if key in _ALLOWED and value not in _ALLOWED[key] or (key in _ALLOWED and type(value) is not type(_ALLOWED[key][0])):
             raise QoQConfigError(f"option {key}={value!r} is not allowed; use one of {_ALLOWED[key]}")
         if key == "skip_layers":
-            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
                 raise QoQConfigError(f"option skip_layers={value!r}: expected a list of fnmatch patterns over module names")
             value = tuple(value)
-        if key == "protective_range" and (not isinstance(value, int) or not 1 <= value <= 119):
+        if key == "protective_range" and (type(value) is not int or not 1 <= value <= 119):
             raise QoQConfigError(f"option protective_range={value!r}: expected an int in [1, 119] (119 keeps level-2 rounding inside int8)")
         if key in _PASS_FLAGS and not isinstance(value, bool):
             raise QoQConfigError(f"option {key}={value!r}: expected True or False")
         if key == "smooth_alphas":
-            if isinstance(value, (str, bytes)) or not value or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in value):
+            if isinstance(value, (str, bytes)) or not value or not all(type(a) in (int, float) and 0 <= a <= 1 for a in value):
                 raise QoQConfigError(f"option smooth_alphas={value!r}: expected a non-empty list of numbers in [0, 1]")
             value = tuple(float(a) for a in value)
-        if key == "smooth_attention_alpha" and (not isinstance(value, (int, float)) or not 0 <= value <= 1):
+        if key == "smooth_attention_alpha" and (type(value) not in (int, float) or not 0 <= value <= 1):
             raise QoQConfigError(f"option smooth_attention_alpha={value!r}: expected a number in [0, 1]")
         if key == "debug_dir" and value is not None and not isinstance(value, (str, os.PathLike)):
             raise QoQConfigError(f"option debug_dir={value!r}: expected a folder path (str) or None")
