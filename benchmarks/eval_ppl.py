@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict | None] = {
     "+ reorder": {"recipe": "qoq", "clip_search": False, "gptq": False},
     "+ clip search": {"recipe": "qoq", "gptq": False},
     "+ gptq (= qoq)": {"recipe": "qoq"},
+    "qoq + rotate": {"recipe": "qoq", "rotate": True},
     "qoq-chn": {"recipe": "qoq-chn"},
 }
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",

@@ -12,6 +12,7 @@ from lowering.dispatch import cdiv
 from lowering.w4a8_gemm import K_PAD, pack_nibbles
 from passes.quantize import LayerDecision
 from passes.scale_groups import linear_weight
+from qcompile.calibrate_api import MIN_CALIBRATION_ROWS, enough_rows
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
@@ -206,9 +207,9 @@ def search_weights(qgraph: QGraph, decisions: list[LayerDecision], config: QoQCo
     for d in progress(decisions, desc="GPTQ / clip search", quiet=config.quiet, unit="layer"):
         m = d.match
         ls = stats.get(m.fqn) if stats is not None else None
-        if d.qweight is None or ls is None or ls.samples.shape[0] == 0:
+        if d.qweight is None or not enough_rows(ls):
             if d.qweight is not None:
-                details.setdefault(m.fqn, {})["weight_search"] = "skipped: no calibration statistics"
+                details.setdefault(m.fqn, {})["weight_search"] = f"skipped: fewer than {MIN_CALIBRATION_ROWS} calibration rows"
             out.append(d)
             continue
         w = linear_weight(qgraph, m).float()

@@ -11,7 +11,7 @@ import torch.fx as fx
 from passes.match import LinearMatch
 from passes.quantize import skip_reason
 from passes.scale_groups import ScaleGroup, find_scale_groups, linear_bias, linear_weight, set_linear_weight
-from qcompile.calibrate_api import transform_inputs
+from qcompile.calibrate_api import MIN_CALIBRATION_ROWS, enough_rows, transform_inputs
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
@@ -65,9 +65,9 @@ def reorder(qgraph: QGraph, linears: list[LinearMatch], config: QoQConfig, stats
                 details.setdefault(m.fqn, {})["reorder"] = f"skipped: {group.reason}"
             continue
         layer_stats = [stats.get(m.fqn) for m in group.consumers]
-        if any(ls is None for ls in layer_stats):
+        if not all(enough_rows(ls) for ls in layer_stats):
             for m in group.consumers:
-                details.setdefault(m.fqn, {})["reorder"] = "skipped: no calibration statistics"
+                details.setdefault(m.fqn, {})["reorder"] = f"skipped: fewer than {MIN_CALIBRATION_ROWS} calibration rows"
             continue
         perm = torch.argsort(layer_stats[0].absmax, descending=True, stable=True)
         where = reorder_group(qgraph, group, perm)

@@ -14,7 +14,7 @@ from passes.gptq import fake_quantize
 from passes.quantize import skip_reason
 from passes.scale_groups import (ScaleGroup, find_scale_groups, linear_bias, linear_weight,
                                  set_linear_weight)
-from qcompile.calibrate_api import transform_inputs
+from qcompile.calibrate_api import MIN_CALIBRATION_ROWS, enough_rows, transform_inputs
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
@@ -77,7 +77,7 @@ def search_factors(x: torch.Tensor, absmax: torch.Tensor, weights: list[torch.Te
 
 def _consumer_stats(group: ScaleGroup, stats: CalibrationStats):
     found = [stats.get(m.fqn) for m in group.consumers]
-    if any(f is None or f.samples.shape[0] == 0 for f in found):
+    if not all(enough_rows(f) for f in found):
         return None
     return found
 
@@ -147,7 +147,7 @@ def smooth(qgraph: QGraph, linears: list[LinearMatch], config: QoQConfig, stats:
         layer_stats = _consumer_stats(group, stats)
         if layer_stats is None:
             for m in group.consumers:
-                details.setdefault(m.fqn, {})["smooth"] = "skipped: no calibration statistics"
+                details.setdefault(m.fqn, {})["smooth"] = f"skipped: fewer than {MIN_CALIBRATION_ROWS} calibration rows"
             continue
         weights = [linear_weight(qgraph, m).float() for m in group.consumers]
         producer_channels = 0

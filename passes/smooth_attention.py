@@ -8,6 +8,7 @@ import torch
 
 from passes.match import LinearMatch
 from passes.scale_groups import AttentionMatch, find_attention, linear_bias, linear_weight, set_linear_weight
+from qcompile.calibrate_api import MIN_CALIBRATION_ROWS, enough_rows
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
@@ -66,8 +67,8 @@ def smooth_attention(qgraph: QGraph, linears: list[LinearMatch], config: QoQConf
         if not reason and (a.heads % max(a.kv_heads, 1) or a.kv_heads <= 0 or a.head_dim % 2):
             reason = f"heads {a.heads} / kv heads {a.kv_heads} / head dim {a.head_dim} do not fit"
         layer_stats = stats.get(a.k.fqn) if a.k is not None else None
-        if not reason and (layer_stats is None or layer_stats.samples.shape[0] == 0):
-            reason = "no calibration statistics for k"
+        if not reason and not enough_rows(layer_stats):
+            reason = f"fewer than {MIN_CALIBRATION_ROWS} calibration rows for k"
         if reason:
             for n in names:
                 details.setdefault(n, {})["smooth_attention"] = f"skipped: {reason}"

@@ -141,6 +141,15 @@ def _describe(batch) -> str:
 
 # -- statistics as the passes change a layer's inputs -----------------------------------------
 
+# Searches fitted to fewer token rows than this (a decode step's single token, say) overfit them:
+# the passes leave such layers alone and say so.
+MIN_CALIBRATION_ROWS = 16
+
+
+def enough_rows(ls: Optional[LayerStats]) -> bool:
+    return ls is not None and ls.samples.shape[0] >= MIN_CALIBRATION_ROWS
+
+
 def working_copy(stats: Optional[CalibrationStats]) -> CalibrationStats:
     """A copy the passes may transform (the user's statistics serve many compiles)."""
     out = CalibrationStats(source=getattr(stats, "source", "none"))
