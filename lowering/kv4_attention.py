@@ -6,6 +6,7 @@ tokens, dequantizes it in registers, and keeps an online softmax; a second kerne
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -198,6 +199,7 @@ def _kv4_attention_merge_kernel(
     tl.store(O + b * sob + qh * soh + t * sot + d * sod, out.to(O.dtype.element_ty), mask=d < D)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
