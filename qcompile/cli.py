@@ -120,20 +120,20 @@ def load_transformers(args, device, dtype):
     """The causal LM (else the base model) and its tokenizer; CLIError when either cannot load."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
-    except ValueError:  # not a causal LM: its base model still has the linears to quantize
-        model = AutoModel.from_pretrained(args.checkpoint, dtype=dtype)
-    except OSError as e:
-        raise CLIError(f"checkpoint {args.checkpoint!r} cannot be loaded by transformers: {e}") from e
-    tokenizer = None
-    try:
+    tokenizer, tok_error = None, None
+    try:  # first: a missing tokenizer should fail before a large model loads
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.checkpoint)
     except (OSError, ValueError, TypeError) as e:
         tok_error = e
     if tokenizer is None and getattr(args, "command", "") == "quantize":
         raise CLIError(f"no tokenizer loads from {args.tokenizer or args.checkpoint!r} ({type(tok_error).__name__}); "
                        "pass --tokenizer FOLDER with the model's tokenizer files")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype)
+    except ValueError:  # not a causal LM: its base model still has the linears to quantize
+        model = AutoModel.from_pretrained(args.checkpoint, dtype=dtype)
+    except OSError as e:
+        raise CLIError(f"checkpoint {args.checkpoint!r} cannot be loaded by transformers: {e}") from e
     return model.to(device).eval(), tokenizer
 
 
@@ -432,8 +432,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         configure_logging()
     if args.quiet:
         os.environ["QOQ_QUIET"] = "1"  # the helpers read it: bars inside other modules go quiet too
-    if args.debug_dir:
-        os.environ["QOQ_DEBUG_DIR"] = args.debug_dir
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     commands = {"quantize": cmd_quantize, "report": cmd_report, "bench": cmd_bench}
     from qcompile.config import QoQConfigError
     from qcompile.fallback import QoQUserError
