@@ -43,31 +43,37 @@ class _Backend:
         return qgraph.gm.forward
 
 
-def _run_llama(backend: _Backend, steps: int = 3, batch: int = 2, prompt: int = 7):
-    """Prefill + greedy decode through the compiled model (StaticCache) and the eager model (KV4Cache)."""
+def _run_llama(backend: _Backend, steps: int = 3, batch: int = 2, prompt: int = 7, sequences: int = 1):
+    """Prefill + greedy decode through the compiled model (StaticCache) and the eager model (KV4Cache);
+    with sequences > 1, the StaticCache is reset between them, as between two `generate` calls."""
     model = _llama()
     cache = StaticCache(model.config, max_cache_len=L)
     # the cache tensors must be graph inputs from the first (prefill) graph on, as for any compiled prefill
     cache.early_initialization(batch_size=batch, num_heads=2, head_dim=16, dtype=torch.float32, device="cpu")
-    eager_cache = KV4Cache(model.config, L, kernels="reference")
-    ids = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     diffs = []
-    with torch.no_grad():
-        nxt = ids
-        for _ in range(steps + 1):
-            a = compiled(nxt, past_key_values=cache).logits
-            b = model(nxt, past_key_values=eager_cache).logits
-            diffs.append((a - b).abs().max().item())
-            nxt = a[:, -1:].argmax(-1)
+    for seq in range(sequences):
+        if seq:
+            cache.reset()
+        eager_cache = KV4Cache(model.config, L, kernels="reference")
+        ids = torch.randint(0, 256, (batch, prompt - seq), generator=torch.Generator().manual_seed(1 + seq))
+        with torch.no_grad():
+            nxt = ids
+            for _ in range(steps + 1):
+                a = compiled(nxt, past_key_values=cache).logits
+                b = model(nxt, past_key_values=eager_cache).logits
+                diffs.append((a - b).abs().max().item())
+                nxt = a[:, -1:].argmax(-1)
     return cache, diffs
 
 
 def test_llama_static_cache_is_rewritten_and_matches_eager_kv4():
     backend = _Backend(kernels="reference")
-    cache, diffs = _run_llama(backend)
-    assert len(backend.results) == 2  # prefill graph, decode graph
+    cache, diffs = _run_llama(backend, sequences=2)
+    # prefill, decode, and a prefill of the second (shorter) prompt; the KV4 buffers are not reset
+    # with the StaticCache: a query at position p sees slots <= p, all written by its own sequence
+    assert len(backend.results) <= 3
     for r, gm in zip(backend.results, backend.graphs):
         assert r.rewritten == 2 and all(rec.quantized for rec in r.records)
         ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
