@@ -20,6 +20,8 @@ VARIANTS = {
     "w4a8-svd": dict(rank=32, residual="w4a8"),
 }
 RECIPE_OF = {"svdquant": "svdquant", "w4a8-svd": "w4a8-svd"}
+# A smaller smoothing grid and fewer refits: minutes instead of tens of minutes on a CPU.
+SMALL_SEARCH = dict(alphas=(0.0, 0.5), betas=(0.0, 0.25), max_iters=3)
 
 
 def small_flux(seed: int = 0):
@@ -79,14 +81,14 @@ def psnr_cosine(z: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return psnr, cos
 
 
-def compile_variant(model, name: str, kernels: str):
+def compile_variant(model, name: str, kernels: str, small_search: bool = False):
     """torch.compile with backend="qoq" where its config knows the recipe; otherwise a backend
     that runs the same capture -> calibrate -> SVDQuant pass directly (RTN W4A4 always does:
     it is the pass with rank 0 and no smoothing)."""
     from qcompile.config import QoQConfigError, make_config
 
     recipe = RECIPE_OF.get(name)
-    if recipe is not None:
+    if recipe is not None and not small_search:
         try:
             make_config({"recipe": recipe, "kernels": kernels})
             return torch.compile(model, backend="qoq",
@@ -95,7 +97,10 @@ def compile_variant(model, name: str, kernels: str):
             pass
     from passes.lowrank import SVDQuantOptions, svdquant_backend
 
-    backend = svdquant_backend(SVDQuantOptions(kernels=kernels, **VARIANTS[name]))
+    kw = dict(VARIANTS[name])
+    if small_search and kw.get("rank", 0):
+        kw.update(SMALL_SEARCH)
+    backend = svdquant_backend(SVDQuantOptions(kernels=kernels, **kw))
     return torch.compile(model, backend=backend)
 
 
@@ -106,6 +111,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32, help="latent height = width (before 2x2 packing)")
     p.add_argument("--text-tokens", type=int, default=32)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"from {list(VARIANTS)}")
+    p.add_argument("--search", choices=["small", "full"], default=None,
+                   help="smoothing grid and refits (default: full on CUDA, small on CPU)")
     p.add_argument("--kernels", default=None,
                    help="auto | triton | reference (default: auto on CUDA, reference on CPU)")
     args = p.parse_args()
@@ -113,6 +120,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     kernels = args.kernels or ("auto" if device == "cuda" else "reference")
+    small = (args.search or ("full" if device == "cuda" else "small")) == "small"
     if args.checkpoint:
         from diffusers import FluxTransformer2DModel
 
@@ -132,7 +140,7 @@ def main() -> None:
     print(f"{'fp':10} {'-':>8} {'-':>8} {'-':>8} {'-':>8} {t_fp:8.4f}")
     for name in args.variants.split(","):
         torch._dynamo.reset()
-        z, t = sample(compile_variant(model, name, kernels), inputs, args.steps)
+        z, t = sample(compile_variant(model, name, kernels, small), inputs, args.steps)
         psnr, cos = psnr_cosine(z, ref)
         psnr_d, cos_d = psnr_cosine(z - z0, ref - z0)
         print(f"{name:10} {psnr:8.2f} {cos:8.5f} {psnr_d:8.2f} {cos_d:8.5f} {t:8.4f}")
