@@ -123,8 +123,8 @@ def bench_shape(batch: int, length: int, device: str, bandwidth: float, sweep: b
         "max_abs_err_vs_spec": err, "bf16_sdpa_err_vs_spec": fp_err,
         "sweep_best": best,
     }
-    sdpa_best = min(t for n, t in times.items() if n.startswith("sdpa") and t is not None)
-    row["speedup_vs_sdpa"] = sdpa_best / times["kv4_op"]
+    sdpa_times = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
+    row["speedup_vs_sdpa"] = min(sdpa_times) / times["kv4_op"] if sdpa_times else None
     row["kv4_fraction_of_roofline"] = row["kv4_floor_ms"] / times["kv4_op"]
     return row
 
@@ -141,7 +141,7 @@ def print_table(rows: list[dict]) -> None:
         best_s = f"n={best['block_n']} s={best['num_splits']} {best['ms']:.4f}" if best else "-"
         print(f"{r['batch']:>4} {r['length']:>6} | {fmt(t['kv4_op'])} {fmt(t['kv4_launcher'])} "
               f"{r['kv4_floor_ms']:7.4f} {100 * r['kv4_fraction_of_roofline']:5.1f}% | {fmt(t['sdpa_gqa_bf16'])} "
-              f"{fmt(t['sdpa_repeat_kv_bf16'])} {r['bf16_floor_ms']:8.4f} | {r['speedup_vs_sdpa']:6.2f}x | "
+              f"{fmt(t['sdpa_repeat_kv_bf16'])} {r['bf16_floor_ms']:8.4f} | {r['speedup_vs_sdpa'] or 0:6.2f}x | "
               f"{best_s:>22} | {r['max_abs_err_vs_spec']:8.1e}")
     print("times in ms (medians); floor = bytes read / measured copy bandwidth; speedup = best SDPA / kv4 op")
 
