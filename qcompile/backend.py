@@ -51,7 +51,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
             if stats is None:
                 linears = find_linears(qgraph)
                 watch = {m.node: (m.fqn, m.x) for m in linears}
-                stats = calibrate_graph(gm, example_inputs, watch, {w.index for w in qgraph.weights.values()})
+                stats = guard.calibrate(calibrate_graph, gm, example_inputs, watch, {w.index for w in qgraph.weights.values()})
             elif not isinstance(stats, CalibrationStats):
                 raise TypeError(
                     f"option calibration: expected the statistics returned by qcompile.calibrate(...), got {type(stats).__name__}"

@@ -144,12 +144,32 @@ class FallbackGuard:
     def _raise_anyway(self, exc: BaseException) -> bool:
         return is_user_error(exc) or _is_artifact_error(exc) or strict(self.config) or _released(self.qgraph)
 
+    def calibrate(self, calibrate_graph, *args):
+        """The default statistics (the graph run on its example inputs); if that run fails, none: the
+        passes then quantize round-to-nearest and the report has no SQNR, with one warning."""
+        try:
+            return calibrate_graph(*args)
+        except Exception as exc:
+            if self._raise_anyway(exc):
+                raise
+            from qcompile.calibration import CalibrationStats
+
+            reason = describe_failure(exc, "calibrate on example inputs")
+            log.debug("qoq graph %d: calibration failed", self.record.graph_id, exc_info=exc)
+            warn_once(f"calibrate:{reason}", f"{reason}; quantizing without statistics (round-to-nearest, no SQNR in "
+                      f"the report). Pass statistics from qcompile.calibrate(model, batches) as options['calibration'].")
+            return CalibrationStats(source="none: " + reason)
+
     def run_passes(self, stats) -> None:
         from passes.manager import run_passes
         from passes.match import find_linears
         from qcompile.debug import dumping
 
-        check_calibration(find_linears(self.qgraph), stats)
+        try:
+            linears = find_linears(self.qgraph)
+        except Exception:  # the passes meet the same failure below, and fall back there
+            linears = []
+        check_calibration(linears, stats)
         with dumping(self.dumper):
             try:
                 run_passes(self.qgraph, self.config, stats, self.record)
