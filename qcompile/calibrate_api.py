@@ -14,7 +14,7 @@ from qcompile.calibration import MAX_SAMPLE_ROWS, CalibrationStats, LayerStats
 
 # -- eager calibration: qcompile.calibrate(model, batches, config) -----------------------------
 
-@dataclass
+@dataclass(eq=False)  # identity, as LayerStats: compared inside torch.compile's options
 class HessianLayerStats(LayerStats):
     """LayerStats that also keep `X^T X` over every token (GPTQ's Hessian) and sample rows uniformly
     over all batches (reservoir sampling), not just from the first one."""

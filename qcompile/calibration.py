@@ -14,7 +14,9 @@ import torch.fx as fx
 MAX_SAMPLE_ROWS = 256
 
 
-@dataclass
+# eq=False: torch.compile compares the options of cached compiles (which hold these) with `==`;
+# field-wise equality would compare tensors and raise.
+@dataclass(eq=False)
 class LayerStats:
     absmax: torch.Tensor  # [K] fp32: max |x| per input channel
     samples: torch.Tensor  # [S, K] fp32: input rows kept to measure output error
@@ -34,7 +36,7 @@ class LayerStats:
         return cls(torch.zeros(k, device=device), torch.zeros((0, k), device=device))
 
 
-@dataclass
+@dataclass(eq=False)
 class CalibrationStats:
     layers: dict[str, LayerStats] = field(default_factory=dict)
     source: str = "example inputs"
