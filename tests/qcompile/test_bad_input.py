@@ -229,3 +229,16 @@ def test_zero_and_empty_inputs():
             got = compiled(x)
         assert got.shape == (x.shape[0], 4) and torch.isfinite(got).all()
         torch.testing.assert_close(got, m(x), rtol=0.05, atol=0.05)  # zeros in: only the biases come out
+
+
+def test_two_models_compiled_with_their_own_statistics():
+    # torch.compile compares the options of cached compiles with `==`: statistics must not compare tensors.
+    outs = []
+    torch._dynamo.reset()
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+        stats = qcompile.calibrate(model, [torch.randn(3, 8)], progress=False)
+        compiled = torch.compile(model, backend="qoq", options={**_OPTS, "calibration": stats})
+        outs.append(compiled(torch.randn(2, 8)))
+        assert all(layer.quantized for layer in graphs_for(compiled)[-1].layers)
