@@ -27,7 +27,9 @@ def _filled_cache(b, hkv, length, d, filled, g, dtype=torch.float32):
 
 
 def _tol(dtype):
-    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    # fp32 q on a GPU goes through tf32 tensor-core dots; the interpreter computes them in fp32
+    fp32 = 5e-3 if DEVICE == "cuda" else 2e-5
+    return {torch.float32: fp32, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
 
 
 @given(
@@ -66,7 +68,7 @@ def test_op_dispatch_and_strided_q():
     pos = torch.arange(37, 40, device=DEVICE)
     ref = kv4_attention(q, *caches, pos, kernels="reference")
     tri = kv4_attention(q, *caches, pos, kernels="triton")
-    torch.testing.assert_close(tri, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(tri, ref, atol=_tol(torch.float32), rtol=_tol(torch.float32))
 
 
 @given(
@@ -92,8 +94,8 @@ def test_reference_is_sdpa_over_dequantized_cache(hkv, group, length, tq, mask_k
     elif mask_kind == "float":
         mask = torch.randn(1, hkv * group, tq, length + 5, generator=g)
         sdpa_mask = torch.zeros(sdpa_mask.shape).masked_fill(~sdpa_mask, float("-inf")) + mask
-    k = kv4_dequantize(*caches[:2])
-    v = kv4_dequantize(*caches[2:])
+    k = kv4_dequantize(*caches[:2]).cpu()
+    v = kv4_dequantize(*caches[2:]).cpu()
     expect = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=True)
     got = kv4_attention_reference(q.to(DEVICE), *caches, pos.to(DEVICE), None if mask is None else mask.to(DEVICE))
     torch.testing.assert_close(got.cpu(), expect, atol=1e-5, rtol=1e-5)
@@ -130,9 +132,9 @@ def test_kv4_attention_close_to_fp_attention():
 def test_attention_opcheck_and_compile():
     g = torch.Generator().manual_seed(3)
     caches, _, _ = _filled_cache(1, 2, 24, 16, 20, g)
-    q = torch.randn(1, 4, 3, 16, generator=g)
-    pos = torch.arange(17, 20)
-    mask = torch.rand(1, 1, 3, 24, generator=g) > 0.2
+    q = torch.randn(1, 4, 3, 16, generator=g).to(DEVICE)
+    pos = torch.arange(17, 20, device=DEVICE)
+    mask = (torch.rand(1, 1, 3, 24, generator=g) > 0.2).to(DEVICE)
     torch.library.opcheck(torch.ops.qoq.kv4_attention.default,
                           (q, *caches, pos, mask, 0.25, "reference"))
 
@@ -140,7 +142,7 @@ def test_attention_opcheck_and_compile():
         torch.ops.qoq.kv4_append(k_new, v_new, kc, km, vc, vm, pos, "reference")
         return torch.ops.qoq.kv4_attention(q, kc, km, vc, vm, pos, None, None, "reference")
 
-    k_new, v_new = torch.randn(1, 2, 3, 16, generator=g), torch.randn(1, 2, 3, 16, generator=g)
+    k_new, v_new = torch.randn(1, 2, 3, 16, generator=g).to(DEVICE), torch.randn(1, 2, 3, 16, generator=g).to(DEVICE)
     eager_caches = [c.clone() for c in caches]
     expect = step(q, *eager_caches, k_new, v_new, pos)
     got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, *caches, k_new, v_new, pos)

@@ -78,7 +78,9 @@ def test_layer0_cache_is_the_kv4_quantization_of_the_fp_cache(model):
 
 @pytest.mark.slow
 def test_triton_and_reference_append_generate_the_same(model):
-    ids = _prompt(1, batch=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (conftest)
+    model = _model().to(device)
+    ids = _prompt(1, batch=1).to(device)
     ref = _generate(model, ids, KV4Cache(model.config, PROMPT + NEW, kernels="reference"))
     tri = _generate(model, ids, KV4Cache(model.config, PROMPT + NEW, kernels="triton"))
     assert torch.equal(ref, tri)
