@@ -33,6 +33,45 @@ def qoq_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -> Callable:
+    """Compile `gm` for the weights in `example_inputs`; the returned runner checks, on every call, that
+    it gets those very weights. Dynamo reuses a graph for another module instance of the same code
+    (regional compilation of repeated blocks), and the packed weights baked into this graph belong to
+    the first one: another set of weights gets its own compile, never the first one's numbers."""
+    pristine = _copy_graph_module(gm)
+    qgraph_weights = capture(gm, example_inputs).weights
+    indices = [w.index for w in qgraph_weights.values()]
+    expected = [example_inputs[i] for i in indices]
+    fn = _compile_once(gm, example_inputs, config)
+    variants: dict[tuple, Callable] = {}
+
+    @functools.wraps(fn)
+    def run(*args):
+        if all(args[i] is t for i, t in zip(indices, expected)):
+            return fn(*args)
+        key = tuple(id(args[i]) for i in indices)
+        if key not in variants:
+            log.info("qoq: graph reused for other weights (e.g. another instance of a repeated block); compiling for them")
+            inputs = list(example_inputs)
+            for i in indices:
+                inputs[i] = args[i]
+            variants[key] = compile_graph(_copy_graph_module(pristine), inputs, config)
+        return variants[key](*args)
+
+    return run
+
+
+def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of Dynamo's graph module before any pass touched it (nodes and meta; weights are inputs)."""
+    import copy
+
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    for attr in ("_param_name_to_source", "meta"):
+        if hasattr(gm, attr):
+            setattr(new, attr, copy.copy(getattr(gm, attr)))
+    return new
+
+
+def _compile_once(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -> Callable:
     with torch.no_grad():
         qgraph = capture(gm, example_inputs)
         record = new_graph_record(config.recipe)
