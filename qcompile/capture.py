@@ -16,7 +16,8 @@ import torch.fx as fx
 
 _ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
 _TOKEN = re.compile(
-    r"\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"  # L['self']._modules['layers']
+    r"\.__dict__\[['\"]_(?:modules|parameters|buffers)['\"]\]\[['\"]([^'\"]+)['\"]\]"  # L['self'].__dict__['_modules']['x'] (diffusers)
+    r"|\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"  # L['self']._modules['layers']
     r"|\.([A-Za-z_][A-Za-z0-9_]*)"                                 # L['self'].layers (older Dynamo)
     r"|\[['\"]?([^'\"\]]+)['\"]?\]"                               # [0] / ['0']
 )
