@@ -6,6 +6,9 @@ batch that fits a 40 GB budget (weights + cache). Random weights made on the GPU
     python benchmarks/bench_llm.py --layers 2 --batches 1 16 --steps 8     # a short trial
     python benchmarks/bench_llm.py --smoke                                  # tiny model on the CPU: checks the script
 
+At 32 layers each method spends about 40 + 60-90 s compiling (batch 1, then the dynamic-batch
+recompile) on an H100: run one method per call (`--methods qoq`) to stay inside a 9-minute run.
+
 Each batch gets a StaticCache of prompt + gen tokens whose first `prompt` positions hold random K/V (the
 prompt's content does not change the cost: the static cache's attention reads all max_cache_len slots
 under a mask), then `--steps` greedy decode steps from position `prompt` are timed with CUDA events

@@ -215,6 +215,11 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
                 f"{tuple(value.shape)} {value.dtype} in the artifact; it was saved from a different model"
             )
         qgraph.overrides[pname] = value
+    if config.kv_bits == 4:
+        # KV4 buffers are runtime state, not weights: the pass makes them again (shared per FP cache).
+        from passes.kv_cache import kv_cache
+
+        kv_cache(qgraph, config.kernels)
     qgraph.materialize_overrides()
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
