@@ -1,0 +1,180 @@
+"""Time per denoising step and weight memory of a Flux-shaped diffusers transformer (real dimensions,
+full depth, random weights made on the GPU) at 1024x1024 (4096 image tokens, 512 text tokens):
+qoq (`--recipe`, svdquant by default) vs torch.compile bf16. Prints a table, writes JSON.
+
+    python benchmarks/bench_diffusion.py --out $OUT/bench_diffusion.json
+    python benchmarks/bench_diffusion.py --methods qoq --recipe w4a8-g128      # one method per call
+    python benchmarks/bench_diffusion.py --smoke                               # tiny model on the CPU
+
+A step is one transformer forward (the sampler's update is negligible beside it); median of
+`--steps` timed forwards after `--warmup`, with CUDA events around each. Weight memory counts the
+distinct storages of the parameters and buffers plus qoq's packed tensors, after qoq released the
+FP storage of the layers it quantized.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+TINY = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=64,
+            guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+GiB = 1 << 30
+
+
+def build_model(dims: dict, device: str, dtype: torch.dtype):
+    """A FluxTransformer2DModel with random weights made directly on `device`."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**dims)
+    model = model.to_empty(device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.01, generator=g)
+            elif "norm" in name and p.dim() == 1:
+                p.fill_(1.0)
+            else:  # fan-in scaled: activations stay O(1) through 57 blocks in bf16
+                p.normal_(0.0, 1.0 / max(p.shape[-1], 1) ** 0.5, generator=g)
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.normal_(0.0, 0.02, generator=g)
+    return model.eval()
+
+
+def make_inputs(model, image_tokens: int, text_tokens: int, device: str, dtype: torch.dtype) -> dict:
+    cfg = model.config
+    g = torch.Generator(device=device).manual_seed(1)
+    side = int(image_tokens ** 0.5)
+    img_ids = torch.zeros(side, side, 3, device=device)
+    img_ids[..., 1] = torch.arange(side, device=device)[:, None]
+    img_ids[..., 2] = torch.arange(side, device=device)[None, :]
+    rnd = lambda *s: torch.randn(*s, device=device, generator=g).to(dtype)  # noqa: E731
+    inputs = dict(hidden_states=rnd(1, image_tokens, cfg.in_channels),
+                  encoder_hidden_states=rnd(1, text_tokens, cfg.joint_attention_dim),
+                  pooled_projections=rnd(1, cfg.pooled_projection_dim),
+                  timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                  img_ids=img_ids.view(-1, 3).to(dtype), txt_ids=torch.zeros(text_tokens, 3, device=device, dtype=dtype),
+                  return_dict=False)
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((1,), 3.5, device=device, dtype=dtype)
+    return inputs
+
+
+def time_steps(fn, inputs: dict, a, device: str) -> dict:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = fn(**inputs)[0]
+        sync()
+        first = time.perf_counter() - t0
+        for _ in range(a.warmup - 1):
+            fn(**inputs)
+        times = []
+        for _ in range(a.steps):
+            if device == "cuda":
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn(**inputs)
+                e.record()
+                e.synchronize()
+                times.append(s.elapsed_time(e))
+            else:
+                t = time.perf_counter()
+                fn(**inputs)
+                times.append((time.perf_counter() - t) * 1e3)
+    return {"step_ms": round(statistics.median(times), 3), "first_call_s": round(first, 2),
+            "out_rms": float(out.float().pow(2).mean().sqrt())}
+
+
+def weight_bytes(model) -> int:
+    from passes.quantize import _CACHE
+    from runtime.weights import storage_bytes
+
+    tensors = list(model.parameters()) + list(model.buffers())
+    packed = sum(qw.nbytes for p in model.parameters() for qw in _CACHE.get(p, {}).values())
+    return storage_bytes(tensors) + packed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=["bf16", "qoq"])
+    p.add_argument("--recipe", default="svdquant")
+    p.add_argument("--image-tokens", type=int, default=4096)
+    p.add_argument("--text-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--mode", default="max-autotune-no-cudagraphs")
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, reference kernels, no Inductor")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    device = "cpu" if a.smoke else "cuda"
+    dims = TINY if a.smoke else FLUX_DEV
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    if a.smoke:
+        a.image_tokens, a.text_tokens, a.steps, a.warmup = 64, 16, 2, 1
+    model = build_model(dims, device, dtype)
+    inputs = make_inputs(model, a.image_tokens, a.text_tokens, device, dtype)
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"), "image_tokens": a.image_tokens, "text_tokens": a.text_tokens,
+            "mode": a.mode, "recipe": a.recipe, "params": sum(p.numel() for p in model.parameters())}
+    print(info, flush=True)
+    results = []
+    bf16_bytes = weight_bytes(model)
+    for method in a.methods:
+        torch._dynamo.reset()
+        try:
+            if method == "bf16":
+                kw = {"backend": "aot_eager"} if a.smoke else {"mode": a.mode}
+                fn = torch.compile(model, **kw)
+                row = time_steps(fn, inputs, a, device)
+                row.update(method="bf16", weights_GiB=round(weight_bytes(model) / GiB, 3))
+            elif method == "qoq":
+                opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode}
+                if a.smoke:
+                    opts.update(inductor=False, kernels="reference", mode="default")
+                fn = torch.compile(model, backend="qoq", options=opts)
+                row = time_steps(fn, inputs, a, device)
+                w = weight_bytes(model)
+                row.update(method=f"qoq {a.recipe}", weights_GiB=round(w / GiB, 3),
+                           weights_vs_bf16=round(w / bf16_bytes, 3))
+            else:
+                raise ValueError(f"unknown method {method!r}; use bf16 or qoq")
+        except Exception as e:  # one method failing still leaves the other's row
+            row = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        results.append(row)
+        print(f"  {row}", flush=True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=1)
+    base = next((r for r in results if r.get("method") == "bf16" and "step_ms" in r), None)
+    print(f"\n{info['device']}, {info['date']}, {a.image_tokens} image + {a.text_tokens} text tokens, mode {a.mode}")
+    print(f"{'method':<20} {'step ms':>9} {'x bf16':>7} {'1st call s':>10} {'weights GiB':>11}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['method']:<20} {r['error'][:90]}")
+            continue
+        ratio = base["step_ms"] / r["step_ms"] if base else float("nan")
+        print(f"{r['method']:<20} {r['step_ms']:>9.3f} {ratio:>7.2f} {r['first_call_s']:>10.1f} {r['weights_GiB']:>11.3f}")
+
+
+if __name__ == "__main__":
+    main()
