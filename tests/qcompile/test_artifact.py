@@ -155,3 +155,33 @@ def test_options_that_disagree_with_the_artifact_are_refused(tmp_path):
 def test_save_before_any_compile_is_a_clear_error(tmp_path):
     with pytest.raises(qcompile.ArtifactError, match=r"run the compiled model once"):
         qcompile.save(nn.Linear(4, 4), str(tmp_path / "x"))
+
+
+class _Breaks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 48)
+        self.b = nn.Linear(48, 16)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(torch.relu(x))
+
+
+def test_graph_breaks_save_every_graph_and_load_bit_identical(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = _Breaks().eval()
+    x = torch.randn(3, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="qoq", options={"inductor": False, **_FAST})
+    with torch.no_grad():
+        want = compiled(x)
+    qcompile.save(compiled, str(tmp_path / "a"))
+    header = json.loads((tmp_path / "a" / JSON_NAME).read_text())
+    assert sorted(header["layers"]) == ["a", "b"]  # one layer from each of the two graphs
+    _forbid_quantization(monkeypatch)
+    torch._dynamo.reset()
+    again = torch.compile(model, backend="qoq", options={"artifact": str(tmp_path / "a"), "inductor": False, **_FAST})
+    with torch.no_grad():
+        assert torch.equal(again(x), want)
