@@ -10,6 +10,7 @@ the read is SDPA with the cache as key/value, directly (`enable_gqa` or no GQA),
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -152,6 +153,16 @@ def _positions(graph: fx.Graph, pos: Any, device: torch.device, before: fx.Node)
         return graph.call_function(torch.arange, (start, pos.stop), {"device": device, "dtype": torch.long})
 
 
+def _cache_name(cache: fx.Node) -> str:
+    """`past_key_values.layers.3` for transformers' caches (from Dynamo's source), else the node name."""
+    grapharg = cache.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    found = re.search(r"past_key_values\W*\]?\.?(?:layers|_layers)\[['\"]?(\d+)", name or "")
+    return f"past_key_values.layers.{found.group(1)}" if found else cache.name
+
+
 def _example(qgraph: QGraph, placeholder: fx.Node) -> Optional[torch.Tensor]:
     placeholders = [n for n in qgraph.gm.graph.nodes if n.op == "placeholder"]
     i = placeholders.index(placeholder)
@@ -203,7 +214,7 @@ def kv_cache(
         if kr is None or vr is None:
             continue  # attention that does not read a written cache (an encoder, a vision tower): not ours
         (kc, kchain, ksliced), (vc, vchain, vsliced) = kr, vr
-        name = f"attention over {kc.name}"
+        name = f"attention over {_cache_name(kc)}"
         if kc.op != "placeholder" or vc.op != "placeholder":
             skip(name, "the KV cache is created inside the graph (a compiled prefill allocating StaticCache "
                        "lazily): call cache.early_initialization(...) before the first compiled call")
