@@ -202,9 +202,14 @@ def denoiser_batches(pipe, denoiser, prompts: list[str], steps: int) -> list[dic
     try:
         from qcompile.progress import progress
 
+        takes_prompt = "prompt" in inspect.signature(pipe.__call__).parameters
         with torch.no_grad():
-            for prompt in progress(prompts, desc="run pipeline"):
-                pipe(prompt, num_inference_steps=steps, output_type="latent")
+            for i, prompt in enumerate(progress(prompts, desc="run pipeline")):
+                gen = torch.Generator().manual_seed(i)
+                if takes_prompt:
+                    pipe(prompt, num_inference_steps=steps, output_type="latent", generator=gen)
+                else:  # an unconditional pipeline: one sample per line, the line itself unused
+                    pipe(num_inference_steps=steps, output_type="np", generator=gen)
     finally:
         handle.remove()
     return captured

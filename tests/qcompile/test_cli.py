@@ -144,3 +144,26 @@ def test_real_artifact_round_trip(checkpoint, calib, tmp_path, capsys):
     assert cli.main(["report", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj" in shown and "(from artifact)" in shown and "lm_head" in shown
+
+
+def test_quantize_and_bench_a_diffusers_pipeline(tmp_path, calib, monkeypatch, capsys):
+    """A pipeline folder (model_index.json): its UNet is calibrated on the pipeline's own denoising steps."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    ckpt = tmp_path / "ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=20)).save_pretrained(ckpt)
+    saved = []
+    monkeypatch.setattr(cli, "_save_function", lambda: lambda model, path: saved.append(path) or Path(path).mkdir())
+    out = tmp_path / "art"
+    assert cli.main(["quantize", str(ckpt), "--calib", str(calib), "-o", str(out), "--steps", "2", "--samples", "1", *_FAST]) == 0
+    report = json.loads((out / cli.REPORT_NAME).read_text())
+    layers = report["graphs"][0]["layers"]
+    assert report["source"]["kind"] == "diffusers" and report["source"]["model_class"] == "UNet2DModel"
+    assert sum(layer["quantized"] for layer in layers) >= 20 and any(layer["name"] == "time_embedding.linear_1" for layer in layers)
+    result = tmp_path / "bench.json"
+    assert cli.main(["bench", str(ckpt), "--iters", "1", "--warmup", "0", "--json", str(result), *_FAST]) == 0
+    assert json.loads(result.read_text())["cosine"] > 0.99
