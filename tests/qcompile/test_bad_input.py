@@ -242,3 +242,24 @@ def test_two_models_compiled_with_their_own_statistics():
         compiled = torch.compile(model, backend="qoq", options={**_OPTS, "calibration": stats})
         outs.append(compiled(torch.randn(2, 8)))
         assert all(layer.quantized for layer in graphs_for(compiled)[-1].layers)
+
+
+def test_diffusers_unet_layer_names_match_calibration():
+    # Dynamo reaches diffusers' submodules through `__dict__['_modules']`: the names must still be
+    # the module FQNs that qcompile.calibrate uses, or the statistics would be refused.
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()
+    batch = {"sample": torch.randn(1, 3, 8, 8), "timestep": 3}
+    stats = qcompile.calibrate(unet, [batch], progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(unet, backend="qoq", options={**_OPTS, "calibration": stats})
+    with torch.no_grad():
+        got, fp = compiled(**batch).sample, unet(**batch).sample
+    layers = [layer for g in graphs_for(compiled) for layer in g.layers]
+    assert "time_embedding.linear_1" in {layer.name for layer in layers}
+    assert sum(layer.quantized for layer in layers) >= 10 and set(stats.layers) >= {layer.name for layer in layers}
+    assert float((got - fp).norm() / fp.norm()) < FP_BOUND
