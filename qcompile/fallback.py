@@ -177,6 +177,10 @@ class FallbackGuard:
                 if self._raise_anyway(exc):
                     raise
                 self.restore_fp(describe_failure(exc, "passes"), exc)
+        try:
+            report_other_weights(self.qgraph, self.record)
+        except Exception as exc:  # the report is best effort; the compiled graph is already right
+            log.debug("qoq graph %d: could not list the other weights", self.record.graph_id, exc_info=exc)
         self.dumper.write("final", self.qgraph.gm)
 
     def compile(self, example_inputs: list):
@@ -222,3 +226,34 @@ class FallbackGuard:
         warn_once(f"graph:{reason}", f"a graph was left in FP because {reason}. The model runs, unquantized; "
                   f"qcompile.report(model) lists the layers. Set QOQ_STRICT=1 (or option strict=True) to raise instead, "
                   f"and please report it with the QOQ_DEBUG_DIR dump.")
+
+
+# Ops whose weights are not compute layers: nothing to report (embedding tables are looked up, not multiplied).
+_NOT_LAYERS = {"embedding"}
+
+
+def _op_name(node) -> str:
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+    return str(name).rsplit(".", 1)[-1]
+
+
+def report_other_weights(qgraph, record) -> None:
+    """Report the matrices (and conv kernels) the final graph still reads in FP outside any reported layer,
+    e.g. fused attention in_proj, LSTM or conv weights, or a weight computed at run time: nothing unquantized goes unsaid."""
+    from runtime.registry import LayerRecord
+
+    reported = {layer.name for layer in record.layers}
+    for node in qgraph.gm.graph.nodes:
+        ref = qgraph.weights.get(node.name) if node.op == "placeholder" else None
+        if ref is None or not node.users or ref.tensor.dim() < 2:
+            continue
+        module = ref.fqn.rsplit(".", 1)[0] if "." in ref.fqn else ref.fqn
+        if module in reported or ref.fqn in reported:
+            continue
+        ops = sorted({_op_name(u) for u in node.users})
+        if set(ops) <= _NOT_LAYERS:
+            continue
+        record.layers.append(LayerRecord(
+            name=ref.fqn, kind="other", shape=tuple(ref.tensor.shape), quantized=False,
+            reason=f"read by {', '.join(ops)}: not a linear layer qoq quantizes"))

@@ -261,5 +261,7 @@ def test_diffusers_unet_layer_names_match_calibration():
         got, fp = compiled(**batch).sample, unet(**batch).sample
     layers = [layer for g in graphs_for(compiled) for layer in g.layers]
     assert "time_embedding.linear_1" in {layer.name for layer in layers}
-    assert sum(layer.quantized for layer in layers) >= 10 and set(stats.layers) >= {layer.name for layer in layers}
+    linears = {layer.name for layer in layers if layer.kind == "linear"}
+    assert sum(layer.quantized for layer in layers) >= 10 and set(stats.layers) >= linears
+    assert any(layer.kind == "other" and "conv2d" in layer.reason for layer in layers)  # convs: reported, in FP
     assert float((got - fp).norm() / fp.norm()) < FP_BOUND

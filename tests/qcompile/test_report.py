@@ -181,3 +181,31 @@ def test_failing_default_calibration_quantizes_without_statistics(monkeypatch):
     assert all(layer.sqnr_db is None for layer in layers)
     rel = float((out - model(ids)).norm() / model(ids).norm())
     assert rel < 0.2  # round-to-nearest W4A8 on this model: 0.064 measured
+
+
+def test_weights_outside_linear_layers_are_reported_in_fp():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True)  # fused: in_proj inside one op
+            self.scale = nn.Parameter(torch.randn(32, 32))  # a weight computed at run time
+            self.emb = nn.Embedding(10, 32)  # looked up, not multiplied: not a layer
+            self.out = nn.Linear(32, 16)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return self.out(torch.nn.functional.linear(h, self.scale * 0.5))
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="qoq", options=dict(_OPTS))
+    with torch.no_grad():
+        compiled(torch.randint(0, 10, (2, 5)))
+    rows = {layer.name: layer for layer in qcompile.report(compiled).layers}
+    assert rows["out"].quantized
+    assert rows["scale"].kind == "other" and "read by mul" in rows["scale"].reason
+    attn = [r for name, r in rows.items() if name.startswith("attn.")]
+    assert attn and all(not r.quantized and r.reason.startswith("read by ") for r in attn)
+    assert "emb.weight" not in rows and "emb" not in rows
