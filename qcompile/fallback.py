@@ -110,6 +110,19 @@ def check_calibration(linears, stats) -> None:
         )
 
 
+def check_device(qgraph, config) -> None:
+    """kernels='triton' where Triton cannot run is the user's to fix: say so at compile time, not at the first call."""
+    if getattr(config, "kernels", "auto") != "triton" or not qgraph.weights:
+        return
+    from lowering.dispatch import use_triton
+
+    weight = next(iter(qgraph.weights.values())).tensor
+    try:
+        use_triton(weight, "triton")
+    except RuntimeError as e:
+        raise QoQUserError(f"option {e}") from e
+
+
 def _released(qgraph) -> bool:
     try:
         from runtime.weights import is_released
@@ -170,6 +183,7 @@ class FallbackGuard:
         except Exception:  # the passes meet the same failure below, and fall back there
             linears = []
         check_calibration(linears, stats)
+        check_device(self.qgraph, self.config)
         with dumping(self.dumper):
             try:
                 run_passes(self.qgraph, self.config, stats, self.record)

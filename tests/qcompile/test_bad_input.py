@@ -127,9 +127,9 @@ def test_matching_statistics_are_used():
 
 
 # -- odd models ---------------------------------------------------------------------------------------
-def _fake_quant(layer: nn.Linear, x: torch.Tensor, group: int) -> torch.Tensor:
+def _fake_quant(layer: nn.Linear, x: torch.Tensor, group: int, protective_range: int = 119) -> torch.Tensor:
     """What one quantized linear computes, from the reference formats (int8 tokens, W4 weights)."""
-    qw = quantize_per_channel(layer.weight) if group == -1 else quantize_progressive(layer.weight, group)
+    qw = quantize_per_channel(layer.weight) if group == -1 else quantize_progressive(layer.weight, group, protective_range)
     x8, sx, _ = quantize_act_int8_reference(x)
     y = (x8.float() * sx[..., None]) @ qw.dequantize().t()
     if layer.bias is not None:
@@ -137,9 +137,9 @@ def _fake_quant(layer: nn.Linear, x: torch.Tensor, group: int) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def _compile_and_check(model: nn.Module, x: torch.Tensor, want: torch.Tensor, group: int = 128) -> torch.Tensor:
+def _compile_and_check(model: nn.Module, x: torch.Tensor, want: torch.Tensor, group: int = 128, **options) -> torch.Tensor:
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="qoq", options={**_OPTS, "weight_group_size": group})
+    compiled = torch.compile(model, backend="qoq", options={**_OPTS, "weight_group_size": group, **options})
     with torch.no_grad():
         got = compiled(x)
         fp = model(x)
@@ -155,9 +155,10 @@ def _compile_and_check(model: nn.Module, x: torch.Tensor, want: torch.Tensor, gr
 
 @given(dims=st.lists(st.integers(1, 80), min_size=2, max_size=4), bias=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
-       group=st.sampled_from([-1, 32, 64, 128]), act=st.booleans(), rows=st.integers(1, 6))
+       group=st.sampled_from([-1, 32, 64, 128]), act=st.booleans(), rows=st.integers(1, 6),
+       protective_range=st.sampled_from([119, 100, 64]))
 @settings(max_examples=8)
-def test_random_mlps_compute_the_quantized_function(dims, bias, dtype, group, act, rows):
+def test_random_mlps_compute_the_quantized_function(dims, bias, dtype, group, act, rows, protective_range):
     torch.manual_seed(len(dims) * 100 + dims[0])
     layers = []
     for k, n in zip(dims, dims[1:]):
@@ -167,8 +168,8 @@ def test_random_mlps_compute_the_quantized_function(dims, bias, dtype, group, ac
     with torch.no_grad():
         want = x
         for layer in model:
-            want = _fake_quant(layer, want, group) if isinstance(layer, nn.Linear) else layer(want)
-    _compile_and_check(model, x, want, group)
+            want = _fake_quant(layer, want, group, protective_range) if isinstance(layer, nn.Linear) else layer(want)
+    _compile_and_check(model, x, want, group, protective_range=protective_range)
 
 
 class _Shared(nn.Module):
@@ -265,3 +266,16 @@ def test_diffusers_unet_layer_names_match_calibration():
     assert sum(layer.quantized for layer in layers) >= 10 and set(stats.layers) >= linears
     assert any(layer.kind == "other" and "conv2d" in layer.reason for layer in layers)  # convs: reported, in FP
     assert float((got - fp).norm() / fp.norm()) < FP_BOUND
+
+
+def test_triton_kernels_where_triton_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor and no interpreter: no Triton here
+    torch._dynamo.reset()
+    compiled = torch.compile(_mlp(), backend="qoq", options={"inductor": False, "kernels": "triton"})
+    with pytest.raises(Exception, match="kernels='triton' was asked for, but a tensor is on cpu.*kernels='auto' / 'reference'") as info:
+        compiled(torch.randn(2, 8))
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(type(e).__name__)
+        e = e.__cause__ or getattr(e, "inner_exception", None)
+    assert "QoQUserError" in chain  # raised while compiling, not at the first kernel launch
