@@ -267,8 +267,9 @@ def cmd_quantize(args) -> int:
             "calibration": {"file": os.path.abspath(args.calib), "lines": len(lines)}}
     (out / REPORT_NAME).write_text(json.dumps({**rep.to_dict(), "source": meta}, default=str, indent=1))
     print(rep)
-    q = sum(layer.quantized for layer in rep.layers)
-    print(f"\nwrote {out} ({q} of {len(rep.layers)} layers quantized); compile from it with "
+    linears = [layer for layer in rep.layers if layer.kind != "other"]  # conv/fused weights are listed, not counted
+    q = sum(layer.quantized for layer in linears)
+    print(f"\nwrote {out} ({q} of {len(linears)} layers quantized); compile from it with "
           f"options={{'artifact': {str(out)!r}}}")
     return 0
 
@@ -408,18 +409,19 @@ def cmd_bench(args) -> int:
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0))
     rel = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
     rep = qcompile.report(compiled)
-    q = sum(layer.quantized for layer in rep.layers)
+    linears = [layer for layer in rep.layers if layer.kind != "other"]  # conv/fused weights are listed, not counted
+    q = sum(layer.quantized for layer in linears)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"model": type(target).__name__, "checkpoint": os.path.abspath(args.checkpoint), "device": name,
               "dtype": str(dtype).replace("torch.", ""), "batch": args.batch,
               "seq_len": args.seq_len if kind == "transformers" else None,
               "fp_ms": fp_ms, "qoq_ms": q_ms, "speedup": fp_ms / q_ms if q_ms else None, "compile_s": compile_s,
-              "cosine": cos, "rel_error": rel, "layers_quantized": q, "layers": len(rep.layers),
+              "cosine": cos, "rel_error": rel, "layers_quantized": q, "layers": len(linears),
               "options": {k: v for k, v in opts.items() if k not in ("debug_dir", "quiet")}}
     print(f"{'model':<24} {'device':<24} {'dtype':<8} {'FP ms':>9} {'qoq ms':>9} {'speed-up':>8} {'cosine':>8} "
           f"{'rel err':>8} {'quantized':>9}")
     print(f"{result['model']:<24} {name[:24]:<24} {result['dtype']:<8} {fp_ms:9.3f} {q_ms:9.3f} "
-          f"{result['speedup']:7.2f}x {cos:8.4f} {rel:8.4f} {q:>4}/{len(rep.layers):<4}")
+          f"{result['speedup']:7.2f}x {cos:8.4f} {rel:8.4f} {q:>4}/{len(linears):<4}")
     print(f"(median of {args.iters}; first qoq call incl. compile {compile_s:.1f} s)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1, default=str))

@@ -77,9 +77,12 @@ class Report:
 
 
 def _graph_table(g: GraphRecord) -> list[str]:
-    q = sum(layer.quantized for layer in g.layers)
+    layers = [layer for layer in g.layers if layer.kind != "other"]
+    q = sum(layer.quantized for layer in layers)
+    others = len(g.layers) - len(layers)
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(g.qoq_ops.items())) or "none"
-    lines = [f"graph {g.graph_id} (recipe {g.recipe}): {q} of {len(g.layers)} layers quantized; qoq ops: {ops}"]
+    extra = f" (+{others} other weights in FP)" if others else ""
+    lines = [f"graph {g.graph_id} (recipe {g.recipe}): {q} of {len(layers)} layers quantized{extra}; qoq ops: {ops}"]
     if getattr(g, "fallback", ""):
         lines.append(f"  whole graph left in FP: {g.fallback}")
     if not g.layers:
