@@ -11,6 +11,8 @@ import os
 import threading
 import warnings
 
+import torch
+
 log = logging.getLogger("qoq")
 
 
@@ -89,8 +91,18 @@ def check_calibration(linears, stats) -> None:
     compiled), so it raises instead of quietly quantizing with wrong or missing statistics.
     """
     layers = getattr(stats, "layers", None)
-    if not layers or getattr(stats, "source", "") == "example inputs" or not linears:
+    if not layers or not linears:
         return
+    if getattr(stats, "source", "") == "example inputs":
+        _drop_non_finite(layers, linears)
+        return
+    for m in linears:
+        ls = layers.get(m.fqn)
+        if ls is not None and not bool(torch.isfinite(ls.absmax).all()):
+            raise QoQCalibrationError(
+                f"option calibration: the statistics of layer {m.fqn!r} hold NaN or inf (a calibration batch made "
+                f"non-finite activations there); calibrate on batches for which the FP model's activations are finite"
+            )
     for m in linears:
         ls = layers.get(m.fqn)
         if ls is None:
@@ -121,6 +133,18 @@ def check_device(qgraph, config) -> None:
         use_triton(weight, "triton")
     except RuntimeError as e:
         raise QoQUserError(f"option {e}") from e
+
+
+def _drop_non_finite(layers: dict, linears) -> None:
+    """The compile's own inputs made NaN/inf activations: those layers get no statistics (round-to-nearest,
+    no SQNR) rather than smoothing factors that would poison every later call."""
+    for m in linears:
+        ls = layers.get(m.fqn)
+        if ls is not None and not bool(torch.isfinite(ls.absmax).all()):
+            del layers[m.fqn]
+            warn_once(f"nonfinite:{m.fqn}", f"layer {m.fqn!r} saw NaN or inf activations in the inputs of the call "
+                      f"that compiled it; it gets no statistics (round-to-nearest, no SQNR). Calibrate with qcompile.calibrate "
+                      f"on finite data for the full recipe")
 
 
 def _released(qgraph) -> bool:

@@ -279,3 +279,26 @@ def test_triton_kernels_where_triton_cannot_run(monkeypatch):
         chain.append(type(e).__name__)
         e = e.__cause__ or getattr(e, "inner_exception", None)
     assert "QoQUserError" in chain  # raised while compiling, not at the first kernel launch
+
+
+def test_non_finite_calibration_is_refused_and_non_finite_example_inputs_are_dropped(monkeypatch):
+    model = _mlp()
+    bad = torch.randn(3, 8)
+    bad[1, 2] = float("inf")
+    stats = qcompile.calibrate(model, [torch.randn(3, 8), bad], progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="qoq", options={**_OPTS, "recipe": "qoq", "calibration": stats})
+    with pytest.raises(Exception, match="statistics of layer '0' hold NaN or inf"):
+        compiled(torch.randn(2, 8))
+    # Without statistics the compile's own call calibrates: that call's inf must not poison later calls.
+    from qcompile.fallback import reset_warnings
+
+    reset_warnings()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="qoq", options={**_OPTS, "recipe": "qoq"})
+    with pytest.warns(UserWarning, match="layer '0' saw NaN or inf activations"):
+        compiled(bad)
+    x = torch.randn(2, 8)
+    got, fp = compiled(x), model(x)
+    assert torch.isfinite(got).all() and float((got - fp).norm() / fp.norm()) < FP_BOUND
+    assert all(layer.quantized for layer in graphs_for(compiled)[-1].layers)
