@@ -160,7 +160,7 @@ def main() -> None:
             ppl = perplexity(model, evals)
         else:
             if stats is None:
-                stats = qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False)
+                stats = qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False, hessian=True)
             torch._dynamo.reset()
             compiled = torch.compile(model, backend="qoq", dynamic=False, options={
                 **opts, "calibration": stats, "kernels": args.kernels, "inductor": False})
