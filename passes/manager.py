@@ -12,6 +12,7 @@ from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
 from qcompile.debug import pass_stage
+from qcompile.fallback import lower_layer_or_fp
 from runtime.registry import GraphRecord, LayerRecord
 
 log = logging.getLogger("qoq")
@@ -68,7 +69,9 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
             if d.qweight is not None:
                 # Back-to-back linears: this one's input may be a linear lowered (and erased) just before.
                 d.match.x = lowered.get(d.match.x, d.match.x)
-                lowered[d.match.node] = lower_w4a8_linear(qgraph, d, config)
+                y = lower_layer_or_fp(qgraph, d, config, record.layers[-1], lower_w4a8_linear)  # one bad layer stays FP
+                if y is not None:
+                    lowered[d.match.node] = y
         qgraph.materialize_overrides()
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()

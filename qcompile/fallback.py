@@ -295,3 +295,37 @@ def report_other_weights(qgraph, record) -> None:
         record.layers.append(LayerRecord(
             name=ref.fqn, kind="other", shape=tuple(ref.tensor.shape), quantized=False,
             reason=f"read by {', '.join(ops)}: not a linear layer qoq quantizes"))
+
+
+def lower_layer_or_fp(qgraph, decision, config, layer, lower):
+    """`lower(qgraph, decision, config)` for one layer; if it fails before touching the FP node, that layer
+    stays in FP (its record says why, one warning per reason) and the rest of the graph is still lowered.
+
+    Returns the new node, or None when the layer was left in FP.
+    """
+    graph = qgraph.gm.graph
+    before, buffers = set(graph.nodes), set(qgraph.gm._buffers)
+    node = decision.match.node
+    users = set(node.users)
+    try:
+        return lower(qgraph, decision, config)
+    except Exception as exc:
+        if _raise_for_layer(exc, config) or node not in set(graph.nodes) or set(node.users) != users:
+            raise  # user error, strict, or the FP node was already rewired: the graph-level fallback takes it
+        for extra in reversed([n for n in graph.nodes if n not in before]):
+            if extra.users:
+                raise
+            graph.erase_node(extra)
+        for name in set(qgraph.gm._buffers) - buffers:
+            del qgraph.gm._buffers[name]
+            getattr(qgraph.gm, "_param_name_to_source", {}).pop(name, None)
+        reason = describe_failure(exc, "lower")
+        layer.quantized, layer.format, layer.group_size, layer.kernel, layer.sqnr_db = False, "fp", None, "", None
+        layer.reason = f"left in FP: {reason}"
+        warn_once(f"layer:{reason}", f"layer {decision.match.fqn!r} was left in FP because {reason}; the rest of the "
+                  f"graph is quantized. Set QOQ_STRICT=1 (or option strict=True) to raise instead.")
+        return None
+
+
+def _raise_for_layer(exc: BaseException, config) -> bool:
+    return is_user_error(exc) or _is_artifact_error(exc) or strict(config)

@@ -209,3 +209,38 @@ def test_weights_outside_linear_layers_are_reported_in_fp():
     attn = [r for name, r in rows.items() if name.startswith("attn.")]
     assert attn and all(not r.quantized and r.reason.startswith("read by ") for r in attn)
     assert "emb.weight" not in rows and "emb" not in rows
+
+
+def test_one_layer_that_cannot_be_lowered_stays_fp_alone(monkeypatch):
+    import passes.manager
+
+    real = passes.manager.lower_w4a8_linear
+
+    def picky(qgraph, decision, config):
+        if decision.match.fqn == "down":
+            with qgraph.gm.graph.inserting_before(decision.match.node):  # a half-done rewrite, then a failure
+                qgraph.gm.graph.call_function(torch.relu, (decision.match.x,))
+            raise ValueError("synthetic: a layout this lowering cannot express")
+        return real(qgraph, decision, config)
+
+    monkeypatch.setattr(passes.manager, "lower_w4a8_linear", picky)
+    monkeypatch.delenv("QOQ_STRICT", raising=False)
+    reset_warnings()
+    with pytest.warns(QoQFallbackWarning, match="layer 'down' was left in FP because pass 'lower' failed"):
+        model, compiled, ids, out = _compiled({**_OPTS, "skip_layers": []})
+    rows = {layer.name: layer for layer in qcompile.report(compiled).layers}
+    assert not rows["down"].quantized and "synthetic" in rows["down"].reason and rows["down"].sqnr_db is None
+    assert rows["up"].quantized and rows["gate"].quantized
+    g = qcompile.report(compiled).graphs[-1]
+    assert g.fallback == "" and g.qoq_ops["qoq.w4a8_gemm"] == 2
+    with torch.no_grad():  # what it computes: up and gate quantized, down in FP
+        h = model.emb(ids)
+        from passes.quantize import quantize_progressive
+
+        def fq(layer, x):
+            x8, sx, _ = quantize_act_int8_reference(x)
+            y = (x8.float() * sx[..., None]) @ quantize_progressive(layer.weight, 128).dequantize().t()
+            return y + layer.bias if layer.bias is not None else y
+        h = h + model.down(torch.relu(fq(model.up, h)))
+        want = model.head(fq(model.gate, h))
+    torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
