@@ -214,7 +214,7 @@ class FallbackGuard:
             except Exception as exc:
                 if self._raise_anyway(exc):
                     raise
-                self.restore_fp(describe_failure(exc, "passes"), exc)
+                self.restore_fp(describe_failure(exc, "pass manager"), exc)
         try:
             report_other_weights(self.qgraph, self.record)
         except Exception as exc:  # the report is best effort; the compiled graph is already right
