@@ -23,6 +23,8 @@ PIPELINES: dict[str, tuple[str, ...]] = {
     "w4a8-g128": ("match", "quantize", "lower"),
     "qoq": ("match", "rotate", "smooth_attention", "smooth", "reorder", "quantize", "gptq", "lower"),
     "qoq-chn": ("match", "rotate", "smooth_attention", "smooth", "reorder", "quantize", "gptq", "lower"),
+    "svdquant": ("match", "lowrank", "lower"),  # lowrank does its own smoothing search and quantization
+    "w4a8-svd": ("match", "lowrank", "lower"),
 }
 # QoQ's function-preserving passes; each also needs its config flag (a recipe default or an option).
 _REWRITES = ("rotate", "smooth_attention", "smooth", "reorder")
@@ -48,6 +50,35 @@ def run_qoq_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, d
 
 
 def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record: GraphRecord) -> None:
+    if config.recipe in ("svdquant", "w4a8-svd"):
+        _run_svdquant(qgraph, config, stats, record)
+    else:
+        _run_w4a8(qgraph, config, stats, record)
+    if config.kv_bits == 4:
+        from passes.kv_cache import kv_cache
+
+        with pass_stage("kv_cache", qgraph.gm):
+            record.layers.extend(kv_cache(qgraph, kernels=config.kernels).records)
+    qgraph.gm.graph.lint()
+    qgraph.gm.recompile()
+    for node in qgraph.gm.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("qoq."):
+            name = str(node.target).rsplit(".default", 1)[0]
+            record.qoq_ops[name] = record.qoq_ops.get(name, 0) + 1
+
+
+def _run_svdquant(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record: GraphRecord) -> None:
+    from passes.lowrank import SVDQuantOptions, layer_records, svdquant_pass
+
+    opts = SVDQuantOptions.from_config(config)
+    linears = find_linears(qgraph)
+    with pass_stage("lowrank", qgraph.gm):
+        decisions = svdquant_pass(qgraph, linears, stats, opts)
+        qgraph.materialize_overrides()
+    record.layers += layer_records(decisions, {m.fqn: tuple(m.weight_shape) for m in linears}, opts)
+
+
+def _run_w4a8(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record: GraphRecord) -> None:
     details: dict[str, dict] = {}  # module FQN -> what the QoQ passes did to it
     pipeline = PIPELINES.get(config.recipe, ())
     if any(p in _REWRITES or p == "gptq" for p in pipeline):
@@ -73,12 +104,6 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
                 if y is not None:
                     lowered[d.match.node] = y
         qgraph.materialize_overrides()
-    qgraph.gm.graph.lint()
-    qgraph.gm.recompile()
-    for node in qgraph.gm.graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith("qoq."):
-            name = str(node.target).rsplit(".default", 1)[0]
-            record.qoq_ops[name] = record.qoq_ops.get(name, 0) + 1
 
 
 def _layer_record(qgraph: QGraph, d: LayerDecision, config: QoQConfig, stats: CalibrationStats) -> LayerRecord:

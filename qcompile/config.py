@@ -56,15 +56,15 @@ class QoQConfig:
 RECIPES: dict[str, dict[str, Any]] = {
     "w4a8": dict(weight_group_size=-1),
     "w4a8-g128": dict(weight_group_size=128),
-    # KV4 (kv_bits=4) joins these two when the KV4 pass lands (issue 5).
     # reorder and gptq are off: on SmolLM2-135M each raised perplexity (ACCURACY.md); both stay options.
-    "qoq": dict(weight_group_size=128, smooth=True, smooth_attention=True, clip_search=True),
-    "qoq-chn": dict(weight_group_size=-1, smooth=True, smooth_attention=True, clip_search=True),
+    # KV4 applies where the graph has a static cache written and read by SDPA (passes/kv_cache.py).
+    "qoq": dict(weight_group_size=128, smooth=True, smooth_attention=True, clip_search=True, kv_bits=4),
+    "qoq-chn": dict(weight_group_size=-1, smooth=True, smooth_attention=True, clip_search=True, kv_bits=4),
+    # SVDQuant (passes/lowrank.py): W4A4 g64 + rank-32 branch, and W4A8 g128 + the same branch.
+    "svdquant": dict(act_bits=4, weight_group_size=64),
+    "w4a8-svd": dict(weight_group_size=128),
 }
-PLANNED_RECIPES: dict[str, str] = {
-    "svdquant": "SVDQuant's low-rank branch and W4A4 kernels (issue 4)",
-    "w4a8-svd": "SVDQuant's low-rank branch (issue 4)",
-}
+PLANNED_RECIPES: dict[str, str] = {}
 
 _ALLOWED: dict[str, tuple] = {
     "weight_group_size": (-1, 32, 64, 128, 256),
@@ -135,8 +135,6 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
         fields[key] = value
     if fields.get("artifact") is not None:
         fields = _from_artifact(fields, given)
-    if fields.get("kv_bits", 16) == 4:
-        raise QoQConfigError("option kv_bits=4: the KV4 cache arrives with issue 5; use kv_bits=16 for now")
     return QoQConfig(**fields)
 
 

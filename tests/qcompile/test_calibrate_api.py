@@ -23,14 +23,14 @@ def _inputs_of(model, name, batches):
 def test_statistics_are_keyed_by_module_and_exact():
     model = make_model("llama", layers=1)
     batches = [torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    stats = qcompile.calibrate(model, batches, "qoq", progress=False, max_rows=50)
+    stats = qcompile.calibrate(model, batches, "qoq", progress=False, max_rows=50, hessian=True)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(stats.layers) == linears
     x = _inputs_of(model, "model.layers.0.mlp.down_proj", batches)
     ls = stats.get("model.layers.0.mlp.down_proj")
     assert torch.equal(ls.absmax, x.abs().amax(0))
     assert ls.tokens == x.shape[0] == 120
-    assert torch.allclose(ls.hessian, x.t() @ x, rtol=1e-4, atol=1e-3)  # GPTQ is on in qoq
+    assert torch.allclose(ls.hessian, x.t() @ x, rtol=1e-4, atol=1e-3)  # asked for with hessian=True
     assert ls.samples.shape[0] == 50
     # Reservoir sampling: kept rows are real rows, and not only from the first batch.
     nearest, idx = (ls.samples[:, None, :] - x[None]).abs().amax(dim=-1).min(dim=1)
