@@ -36,8 +36,10 @@ class HessianLayerStats(LayerStats):
             gen = torch.Generator().manual_seed(self.seen_rows)
             pos = torch.arange(rest.shape[0]) + self.seen_rows + max(room, 0)
             slot = (torch.rand(rest.shape[0], generator=gen) * (pos + 1)).long()
-            keep = slot < self.max_rows
-            self.samples[slot[keep].to(self.samples.device)] = rest[keep.to(rest.device)]
+            # In stream order, so a later row wins a slot drawn twice (an indexed assignment with
+            # repeated indices may mix the rows element by element).
+            for i in (slot < self.max_rows).nonzero().flatten().tolist():
+                self.samples[int(slot[i])] = rest[i]
         self.seen_rows += x2.shape[0]
         self.tokens += x2.shape[0]
 
