@@ -13,7 +13,7 @@ from qcompile.capture import QGraph
 from qcompile.config import QoQConfig
 
 
-def _out_dtype(node: fx.Node, x: fx.Node) -> torch.dtype:
+def out_dtype_of(node: fx.Node, x: fx.Node) -> torch.dtype:
     for n in (node, x):
         val = n.meta.get("example_value") if isinstance(n, fx.Node) else None
         if isinstance(val, torch.Tensor):
@@ -27,7 +27,7 @@ def lower_w4a8_linear(qgraph: QGraph, decision: LayerDecision, config: QoQConfig
     graph = qgraph.gm.graph
     node = m.node
     consts = {k: qgraph.add_constant(f"{m.fqn}.{k}", v, before=node) for k, v in qw.tensors().items()}
-    out_dtype = _out_dtype(node, m.x)
+    out_dtype = out_dtype_of(node, m.x)
     with graph.inserting_before(node):
         quant = graph.call_function(torch.ops.qoq.quantize_act_int8.default, (m.x, config.kernels))
         x8, sx, xsum = (graph.call_function(operator.getitem, (quant, i)) for i in range(3))

@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from lowering.w4a4_activation_quant import GELU_SHIFT, quantize_groups_int4, quantize_groups_uint4
 from lowering.w4a4_gemm import dequantize, quantize_weight, shifted_bias
+from passes.lower import out_dtype_of
 
 log = logging.getLogger("qoq")
 
@@ -393,12 +394,6 @@ def _weight_nk(qgraph, m) -> torch.Tensor:
     return w.t() if m.weight_transposed else w
 
 
-def _out_dtype(node: fx.Node, x: fx.Node) -> torch.dtype:
-    for n in (node, x):
-        val = n.meta.get("example_value") if isinstance(n, fx.Node) else None
-        if isinstance(val, torch.Tensor):
-            return val.dtype
-    return torch.float32
 
 
 def _replace(qgraph, m, y: fx.Node) -> None:
@@ -421,7 +416,7 @@ def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
     """One activation quantization (smoothing and X̂·L_down fused) feeding one GEMM per linear."""
     graph = qgraph.gm.graph
     first = group[0]
-    dtype = _out_dtype(first.node, first.x)
+    dtype = out_dtype_of(first.node, first.x)
     stem = first.fqn
     # (0, 0) won the search: no smoothing, so no multiply in the kernel either.
     smooth_inv = None if bool((joint.smooth == 1).all()) else qgraph.add_constant(
@@ -447,7 +442,7 @@ def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
         with graph.inserting_before(m.node):
             y = graph.call_function(torch.ops.qoq.w4a4_gemm.default,
                                     (a, sa, c_w, c_s, lr if rank else None, c_u, bias,
-                                     _out_dtype(m.node, m.x), unsigned, opts.kernels))
+                                     out_dtype_of(m.node, m.x), unsigned, opts.kernels))
         _replace(qgraph, m, y)
 
 
@@ -460,7 +455,7 @@ def _lower_group_w4a8(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
 
     graph = qgraph.gm.graph
     first = group[0]
-    dtype = _out_dtype(first.node, first.x)
+    dtype = out_dtype_of(first.node, first.x)
     stem = first.fqn
     smooth_inv = qgraph.add_constant(f"{stem}.smooth_inv", (1.0 / joint.smooth).to(dtype),
                                      first.node)
@@ -479,7 +474,7 @@ def _lower_group_w4a8(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
             y = graph.call_function(
                 torch.ops.qoq.w4a8_gemm.default,
                 (x8, sx, xsum, consts["qweight"], consts["wscale"], consts.get("gscale"),
-                 consts["gzero"], m.bias, _out_dtype(m.node, m.x), opts.kernels))
+                 consts["gzero"], m.bias, out_dtype_of(m.node, m.x), opts.kernels))
             y = graph.call_function(torch.add, (y, graph.call_function(torch.matmul, (lr, c_u))))
         _replace(qgraph, m, y)
 

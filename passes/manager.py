@@ -59,6 +59,11 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
 
         with pass_stage("kv_cache", qgraph.gm):
             record.layers.extend(kv_cache(qgraph, kernels=config.kernels).records)
+    finish_graph(qgraph, record)
+
+
+def finish_graph(qgraph: QGraph, record: GraphRecord) -> None:
+    """Check and regenerate the rewritten graph; count its qoq ops for the report."""
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
     for node in qgraph.gm.graph.nodes:

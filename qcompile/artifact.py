@@ -221,9 +221,6 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
 
         kv_cache(qgraph, config.kernels)
     qgraph.materialize_overrides()
-    qgraph.gm.graph.lint()
-    qgraph.gm.recompile()
-    for node in qgraph.gm.graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith("qoq."):
-            name = str(node.target).rsplit(".default", 1)[0]
-            record.qoq_ops[name] = record.qoq_ops.get(name, 0) + 1
+    from passes.manager import finish_graph
+
+    finish_graph(qgraph, record)
