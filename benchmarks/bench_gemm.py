@@ -33,7 +33,7 @@ from lowering.activation_quant import quantize_act_int8  # noqa: E402
 from lowering import w4a8_gemm as wg  # noqa: E402
 
 SHAPES = [(4096, 4096), (6144, 4096), (14336, 4096), (4096, 14336)]  # (N, K) of Llama-3-8B
-MS = [1, 16, 64, 256, 1024, 4096]
+MS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 ROTATE_BYTES = 160 << 20
 
 
@@ -80,7 +80,20 @@ INT8_CONFIGS = [
 
 def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8, vec=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, num_warps=nw, num_stages=ns,
-                SWAP=swap, UNROLL=unroll, VEC=vec)
+                SWAP=swap, UNROLL=unroll, VEC=vec, GEMV=False)
+
+
+def _g(bm, bn, unroll, nw, prefetch=True):
+    # The CUDA-core GEMV kernel: bn weight rows x unroll 128-wide K chunks per iteration; num_stages
+    # 2 = the next tile's loads issued before this one is computed (register double buffer).
+    return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SPLIT_K=1, num_warps=nw, num_stages=2 if prefetch else 1,
+                SWAP=False, UNROLL=unroll, VEC=False, GEMV=True)
+
+
+def _gemv_space(bm):
+    return [_g(bm, 4, 8, 4), _g(bm, 4, 16, 4), _g(bm, 8, 4, 4), _g(bm, 8, 8, 4), _g(bm, 8, 8, 4, prefetch=False),
+            _g(bm, 8, 16, 4), _g(bm, 16, 4, 4), _g(bm, 16, 8, 4), _g(bm, 8, 8, 8), _g(bm, 16, 8, 8),
+            _g(bm, 4, 8, 2), _g(bm, 2, 16, 2)]
 
 
 # The search space per M bucket (bench --sweep times each on every shape and keeps the fastest).
@@ -91,8 +104,11 @@ _SMALL = [
     _c(16, 32, 4, 4, 2, vec=True),
 ]
 CANDIDATES = {
-    "1": _SMALL,
-    "16": _SMALL,
+    "1": _gemv_space(1) + _SMALL,
+    "2": _gemv_space(2) + _SMALL,
+    "4": _gemv_space(4) + _SMALL,
+    "8": _gemv_space(8) + _SMALL,
+    "16": _gemv_space(16) + _SMALL,
     "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4, 2, vec=True), _c(64, 64, 4, 4, swap=True),
            _c(64, 64, 4, 3, 2, swap=True), _c(32, 64, 4, 3, 2, split=2), _c(64, 128, 4, 4, swap=True),
            _c(64, 64, 4, 4, swap=True, vec=True)],
@@ -260,8 +276,12 @@ def run(args) -> list[dict]:
             xsum = x8.sum(-1, dtype=torch.int32)
             row = {"M": M, "N": N, "K": K}
             row["bf16_cublas"] = gtime([lambda t=t: x @ t.t() for t in wb], n_calls, reps)
-            if M >= 17:
-                row["int_mm"] = gtime([lambda t=t: torch._int_mm(x8, t.t()) for t in w8s], n_calls, reps)
+            # torch._int_mm takes M >= 17 only: below that it runs on the rows padded to 32, as a W8A8
+            # caller would have to.
+            x8i = x8 if M >= 17 else torch.cat([x8, x8.new_zeros(32 - M, K)])
+            row["int_mm"] = gtime([lambda t=t: torch._int_mm(x8i, t.t()) for t in w8s], n_calls, reps)
+            if M < 17:
+                row["int_mm_rows"] = 32
             xf8 = x.to(torch.float8_e4m3fn)
             sa = torch.ones(M, 1, device=dev)
             row["fp8_scaled_mm"] = gtime([lambda t=t: torch._scaled_mm(
@@ -319,7 +339,17 @@ def run(args) -> list[dict]:
 
 
 def write_configs(path: str, tuned: dict, sweep: list, meta: dict) -> None:
-    """Best config per (format, shape, bucket), plus per bucket the best geometric mean over shapes."""
+    """Best config per (format, shape, bucket), plus per bucket the best geometric mean over shapes.
+
+    Merged into the file at `path` when it exists: a sweep over some buckets (say the small-M ones)
+    replaces those entries and keeps the rest.
+    """
+    old = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("layout", wg.PACK_LAYOUT) != wg.PACK_LAYOUT:
+            old = {}  # configs tuned for another packed layout say nothing about this one
     default: dict = {"progressive": {}, "per_channel": {}}
     for key, fmt in (("progressive", "g128"), ("per_channel", "chn")):
         by_bucket: dict = {}
@@ -332,9 +362,18 @@ def write_configs(path: str, tuned: dict, sweep: list, meta: dict) -> None:
             n = max(len(v) for v in d.values())
             score = {c: math.exp(sum(math.log(t) for t in v) / len(v)) for c, v in d.items() if len(v) == n}
             default[key][b] = json.loads(min(score, key=score.get))
+    configs = old.get("configs", {})
+    defaults = old.get("default", {})
+    for key in ("progressive", "per_channel"):
+        for shape, per_bucket in tuned.get(key, {}).items():
+            configs.setdefault(key, {}).setdefault(shape, {}).update(per_bucket)
+        defaults.setdefault(key, {}).update(default[key])
+    sources = old.get("sources", [old["source"]] if "source" in old else [])
+    sources.append(f"bench_gemm.py --sweep, {meta['date']}, buckets "
+                   + ",".join(sorted({wg.m_bucket(r['M']) for r in sweep}, key=lambda b: (len(b), b))))
     with open(path, "w") as f:
         json.dump({"device": meta["device"], "date": meta["date"], "triton": meta["triton"],
-                   "layout": wg.PACK_LAYOUT, "configs": tuned, "default": default}, f, indent=1)
+                   "layout": wg.PACK_LAYOUT, "configs": configs, "default": defaults, "sources": sources}, f, indent=1)
 
 
 def _git_commit() -> str:

@@ -345,14 +345,238 @@ def _w4a8_gemm_kernel(
         tl.atomic_add(y_ptrs, y, mask=mask, sem="relaxed")
 
 
+# ---- the small-M path: a GEMV-style kernel on CUDA cores ----------------------------------------
+# At M <= 16 the GEMM reads each weight byte once and does almost no math per byte: the time is how
+# fast the packed weights stream from HBM. The tensor-core kernel above pays for a shared-memory
+# pipeline (async copy, unpack, store back, MMA) built for reuse that small M does not have. This
+# kernel instead reads the weights as 32-bit words straight into registers (four words = one
+# 16-byte load per thread), unpacks each word into two words of four int8 weights, and multiplies
+# them by the matching activation words with `dp4a` (four int8 products summed into int32 in one
+# instruction). In the "k128-halves" layout the low nibbles of weight word j of a 128-wide chunk
+# are k = 4j..4j+3 and the high nibbles k = 64+4j..64+4j+3: four consecutive activation bytes, i.e.
+# activation words 32c + j and 32c + 16 + j. So the same packed bytes serve both kernels.
+
+# One packed word -> the int8 weights of its low and high nibbles as two words. Progressive: the
+# group's s2 (a byte) multiplies all four nibbles at once (q·s2 <= 240 stays inside its byte), then
+# z·s2, replicated over the word, is subtracted byte-wise (SWAR: borrows must not cross bytes).
+_WORD_UNPACK_PROGRESSIVE_ASM = tl.constexpr("""
+{
+.reg .b32 lo, hi, zl, zh, t0, t1;
+and.b32 lo, $2, 0x0F0F0F0F;
+shr.u32 hi, $2, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+mul.lo.u32 lo, lo, $3;
+mul.lo.u32 hi, hi, $5;
+mul.lo.u32 zl, $4, 0x01010101;
+mul.lo.u32 zh, $6, 0x01010101;
+and.b32 t1, zl, 0x7F7F7F7F;
+or.b32 t0, lo, 0x80808080;
+sub.u32 t0, t0, t1;
+xor.b32 t1, lo, zl;
+not.b32 t1, t1;
+and.b32 t1, t1, 0x80808080;
+xor.b32 $0, t0, t1;
+and.b32 t1, zh, 0x7F7F7F7F;
+or.b32 t0, hi, 0x80808080;
+sub.u32 t0, t0, t1;
+xor.b32 t1, hi, zh;
+not.b32 t1, t1;
+and.b32 t1, t1, 0x80808080;
+xor.b32 $1, t0, t1;
+}
+""")
+
+_WORD_UNPACK_PER_CHANNEL_ASM = tl.constexpr("""
+{
+.reg .b32 t;
+and.b32 $0, $2, 0x0F0F0F0F;
+shr.u32 t, $2, 4;
+and.b32 $1, t, 0x0F0F0F0F;
+}
+""")
+
+
+@triton.jit
+def _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr):
+    """int32 packed words -> (lo, hi) int32 words, each four int8 weights (bytes in K order)."""
+    if USE_ASM:
+        if PROGRESSIVE:
+            lo, hi = tl.inline_asm_elementwise(
+                _WORD_UNPACK_PROGRESSIVE_ASM, "=r,=r,r,r,r,r,r", [w, s_lo, z_lo, s_hi, z_hi],
+                dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+            )
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                _WORD_UNPACK_PER_CHANNEL_ASM, "=r,=r,r", [w], dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+            )
+    else:
+        # The same word arithmetic in plain Triton (uint32, so shifts are logical and the masks'
+        # top bits are not signs): the interpreter's path, bit-identical to the asm.
+        u = w.to(tl.uint32, bitcast=True)
+        lo = u & 0x0F0F0F0F
+        hi = (u >> 4) & 0x0F0F0F0F
+        if PROGRESSIVE:
+            lo = lo * s_lo.to(tl.uint32)
+            hi = hi * s_hi.to(tl.uint32)
+            zl = z_lo.to(tl.uint32) * 0x01010101
+            zh = z_hi.to(tl.uint32) * 0x01010101
+            lo = ((lo | 0x80808080) - (zl & 0x7F7F7F7F)) ^ ((lo ^ zl ^ 0xFFFFFFFF) & 0x80808080)
+            hi = ((hi | 0x80808080) - (zh & 0x7F7F7F7F)) ^ ((hi ^ zh ^ 0xFFFFFFFF) & 0x80808080)
+        lo = lo.to(tl.int32, bitcast=True)
+        hi = hi.to(tl.int32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + Σ_i int8(a.byte[i]) · int8(b.byte[i]) for int32 words a, b (elementwise, broadcasting)."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        # Byte i as a signed value: shift it to the top, then arithmetic-shift it back down.
+        r = c + ((a << 24) >> 24) * ((b << 24) >> 24)
+        r += ((a << 16) >> 24) * ((b << 16) >> 24)
+        r += ((a << 8) >> 24) * ((b << 8) >> 24)
+        r += (a >> 24) * (b >> 24)
+        return r
+
+
+@triton.jit
+def _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr):
+    """Packed words [rows, chunks, 16] of chunks c0.. and their group scales (zeros past the end)."""
+    c = c0 + ch
+    c_ok = (c < n_chunks)[None, :, None]
+    w = tl.load(w_tile + c0 * 16, mask=c_ok, other=0)
+    if PROGRESSIVE:
+        g_lo = ((c * 128) // GROUP_SIZE)[None, :, None]
+        s_lo = tl.load(gs_rows + g_lo, mask=c_ok, other=0).to(tl.int32)
+        z_lo = tl.load(gz_rows + g_lo, mask=c_ok, other=0).to(tl.int32)
+        if GROUP_SIZE % 128 == 0:  # both halves of a chunk in one group
+            s_hi = s_lo
+            z_hi = z_lo
+        else:
+            g_hi = ((c * 128 + 64) // GROUP_SIZE)[None, :, None]
+            s_hi = tl.load(gs_rows + g_hi, mask=c_ok, other=0).to(tl.int32)
+            z_hi = tl.load(gz_rows + g_hi, mask=c_ok, other=0).to(tl.int32)
+    else:
+        s_lo = w  # unused
+        z_lo = w
+        s_hi = w
+        z_hi = w
+    return w, s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
+def _w4a8_gemv_kernel(
+    # A8 activations as int32 words [M, K/4] (four int8 codes each), scale [M] fp32, code sum [M] int32
+    x_ptr, sx_ptr, xsum_ptr,
+    # W4 weights as int32 words [N, Kp/8]; per-channel scale [N] fp32; group scale s2 / z·s2 [N, G]
+    # uint8 (progressive) or zero [N] int32 (per-channel)
+    w_ptr, ws_ptr, gs_ptr, gz_ptr,
+    b_ptr, y_ptr,  # bias [N] (optional), output [M, N]
+    M, N, K4,  # K4 = K / 4: activation words per row
+    stride_xm, stride_wn, stride_gn, stride_ym,  # stride_xm and stride_wn in words
+    GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # tokens per program: a static loop, so each weight word is unpacked once
+    BLOCK_N: tl.constexpr,  # weight rows per program
+    UNROLL: tl.constexpr,  # 128-wide K chunks per loop iteration (16 words of each row per chunk)
+    ROWS: tl.constexpr,  # min(BLOCK_M, M): the static token loop skips rows that cannot exist
+    EVEN_K: tl.constexpr,  # K % 128 == 0
+    PREFETCH: tl.constexpr,  # load the next K tile before computing this one
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N read row N-1 (their results are never stored): the weight loads stay unmasked
+    # 16-byte vectors.
+    rn = tl.minimum(offs_n, N - 1)
+    ch = tl.arange(0, UNROLL)
+    j = tl.arange(0, 16)
+    # The tile is [rows, chunks, words of a chunk]: a chunk's group scale broadcasts along the last
+    # axis, and a thread's four consecutive words (one 16-byte load) never straddle two chunks.
+    w_tile = w_ptr + rn[:, None, None] * stride_wn + ch[None, :, None] * 16 + j[None, None, :]
+    gs_rows = gs_ptr + rn[:, None, None] * stride_gn
+    gz_rows = gz_ptr + rn[:, None, None] * stride_gn
+    m_idx = tl.arange(0, BLOCK_M)
+    # [rows, tokens]: the token loop's per-row sums land in it without a layout change.
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    # One token (decode at batch 1): dp4a accumulates straight into a tile-shaped accumulator and
+    # the cross-lane reduction happens once, after the loop, instead of every iteration.
+    acc1 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    n_chunks = tl.cdiv(K4, 32)
+    if PREFETCH:
+        w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, 0, ch, n_chunks,
+                                                               GROUP_SIZE, PROGRESSIVE)
+    for c0 in range(0, n_chunks, UNROLL):
+        c = c0 + ch  # [UNROLL] chunk indices
+        c_ok = c < n_chunks
+        if PREFETCH:
+            # Register double buffer: the next tile's loads are in flight while this one computes
+            # (Triton's pipeliner only stages loads that feed a dot).
+            w, s_lo, z_lo, s_hi, z_hi = w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n
+            w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0 + UNROLL, ch,
+                                                                   n_chunks, GROUP_SIZE, PROGRESSIVE)
+        else:
+            w, s_lo, z_lo, s_hi, z_hi = _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks,
+                                                          GROUP_SIZE, PROGRESSIVE)
+        lo, hi = _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE, USE_ASM)
+        # Activation words of the low and high halves; K padding (and rows past M) read as zero,
+        # which also zeroes the padded weights' -z·s2.
+        # Built with the weight tile's full shape (each row of it reading the same words), so the
+        # loads get the weight tile's layout, 16 bytes a thread: a smaller x tile gets a layout of
+        # its own from Triton, and then every weight word takes a shared-memory round trip into
+        # it. The repeated reads hit L1.
+        xk_lo = (rn * 0)[:, None, None] + c[None, :, None] * 32 + j[None, None, :]
+        xk_hi = xk_lo + 16
+        for m in tl.static_range(ROWS):
+            # A row past M reads row M-1 (never stored). The masks must stay constant over four
+            # words, or the loads lose their vector width and drag the whole tile into another
+            # layout: by chunk when K is a multiple of 128, else by word against K4.
+            x_row = x_ptr + tl.minimum(pid_m * BLOCK_M + m, M - 1) * stride_xm
+            if EVEN_K:
+                xa = tl.load(x_row + xk_lo, mask=c_ok[None, :, None] & (rn >= 0)[:, None, None], other=0)
+                xb = tl.load(x_row + xk_hi, mask=c_ok[None, :, None] & (rn >= 0)[:, None, None], other=0)
+            else:
+                xa = tl.load(x_row + xk_lo, mask=xk_lo < K4, other=0)
+                xb = tl.load(x_row + xk_hi, mask=xk_hi < K4, other=0)
+            if ROWS == 1:
+                acc1 = _dp4a(lo, xa, _dp4a(hi, xb, acc1, USE_ASM), USE_ASM)
+            else:
+                d = _dp4a(lo, xa, _dp4a(hi, xb, 0, USE_ASM), USE_ASM)
+                part = tl.sum(tl.sum(d, axis=2), axis=1)  # [BLOCK_N]
+                acc += tl.where(m_idx[None, :] == m, part[:, None], 0)
+    if ROWS == 1:
+        acc += tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]
+
+    offs_m = pid_m * BLOCK_M + m_idx
+    mask_m = offs_m < M
+    rm = tl.minimum(offs_m, M - 1)
+    if not PROGRESSIVE:
+        xs = tl.load(xsum_ptr + rm)
+        z = tl.load(gz_ptr + rn)
+        acc -= z[:, None] * xs[None, :]
+    sx = tl.load(sx_ptr + rm)
+    ws = tl.load(ws_ptr + rn)
+    y = acc.to(tl.float32) * ws[:, None] * sx[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & mask_m[None, :])
+
+
 # ---- configs -------------------------------------------------------------------------------------
-# A config: BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, num_warps, num_stages, SWAP, UNROLL, VEC (BLOCK_K is
-# the 128 of the layout). Tuned ones live as JSON per GPU in lowering/configs/ (written by benchmarks/bench_gemm.py
-# --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
-M_BUCKETS = (1, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC")
-CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False)
+# A config: BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K, num_warps, num_stages, SWAP, UNROLL, VEC, GEMV (BLOCK_K
+# is the 128 of the layout). GEMV = True picks the CUDA-core kernel (small M; BLOCK_M, BLOCK_N, UNROLL,
+# num_warps, num_stages apply to it). Tuned ones live as JSON per GPU in lowering/configs/ (written by
+# benchmarks/bench_gemm.py --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
+M_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC", "GEMV")
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+GEMV_MAX_M = 4  # untuned GPUs: the GEMV kernel up to this M (its CUDA-core work grows with M; H100 sweep)
 
 
 def m_bucket(M: int) -> str:
@@ -376,8 +600,14 @@ def _tuned_table(index: int) -> dict:
         return json.load(f)
 
 
-def heuristic_config(M: int, N: int, K: int, sms: int = 132) -> dict:
-    """Tile shapes by M bucket when no tuned config exists for the GPU (the H100 sweep's usual winners)."""
+def heuristic_config(M: int, N: int, K: int, sms: int = 132, gemv: bool = True) -> dict:
+    """Tile shapes by M bucket when no tuned config exists for the GPU (the H100 sweep's usual winners).
+
+    `gemv=False` asks for the tensor-core kernel (operands the GEMV kernel cannot read).
+    """
+    if M <= GEMV_MAX_M and gemv:
+        return dict(BLOCK_M=triton.next_power_of_2(M), BLOCK_N=8, GROUP_M=1, SPLIT_K=1, num_warps=4, num_stages=2,
+                    UNROLL=8, GEMV=True)
     if M <= 16:
         # Memory-bound: narrow N tiles give every SM a program; split K when N alone cannot.
         split = 1 if cdiv(N, 32) >= sms else 4
@@ -404,8 +634,48 @@ def choose_config(bucket: str, N: int, K: int, progressive: bool, device_index: 
 
 
 def _interpreter_config(M: int) -> tuple:
-    # Interpreter: few large programs run fastest (numpy does the work per program).
-    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False)
+    # Interpreter: few large programs run fastest (numpy does the work per program). Small M takes
+    # the GEMV kernel, as it does on the GPU, so the M dispatch runs under the interpreter too.
+    if M <= 4:
+        return (triton.next_power_of_2(M), 32, 1, 1, 4, 1, False, 4, False, True)
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False)
+
+
+def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[torch.Tensor]) -> bool:
+    """Whether the GEMV kernel can take these operands (otherwise the tensor-core kernel runs).
+
+    It reads activations and weights as int32 words (K a multiple of 4, the packed rows
+    word-aligned) and applies one group scale per 64-wide half of a chunk (groups a multiple of 64).
+    """
+    K = x8.shape[-1]
+    if K % 4 or qweight.stride(-1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+        return False
+    if gscale is not None:
+        group = qweight.shape[1] * 2 // gscale.shape[1]
+        return group % 64 == 0
+    return True
+
+
+def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm):
+    M, K = x8.shape
+    N = qweight.shape[0]
+    if x8.stride(0) % 4 or x8.storage_offset() % 4:
+        x8 = x8.contiguous()  # a word view needs word-aligned rows (cheap: M is small here)
+    progressive = gscale is not None
+    bm = min(bm, triton.next_power_of_2(M))
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
+    _w4a8_gemv_kernel[grid](
+        x8.view(torch.int32), sx.reshape(-1), xsum.reshape(-1), qweight.view(torch.int32), wscale,
+        gscale if progressive else gzero, gzero,
+        bias if bias is not None else wscale, y,
+        M, N, K // 4,
+        x8.stride(0) // 4, qweight.stride(0) // 4, gscale.stride(0) if progressive else 0, y.stride(0),
+        GROUP_SIZE=qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD, PROGRESSIVE=progressive,
+        HAS_BIAS=bias is not None, USE_ASM=use_asm, BLOCK_M=bm, BLOCK_N=bn, UNROLL=unroll, ROWS=min(bm, M),
+        EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2,
+        num_warps=nw, num_stages=1,
+    )
+    return y
 
 
 @functools.lru_cache(maxsize=None)
@@ -428,13 +698,22 @@ def w4a8_gemm_triton(
     progressive = gscale is not None
     on_gpu = x8.is_cuda and not interpreter_enabled()
     if config is not None:
-        bm, bn, gm, split, nw, ns, swap, unroll, vec = (config.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
+        cfg = tuple(config.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
     elif on_gpu:
-        bm, bn, gm, split, nw, ns, swap, unroll, vec = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
+        cfg = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
     else:
-        bm, bn, gm, split, nw, ns, swap, unroll, vec = _interpreter_config(M)
+        cfg = _interpreter_config(M)
+    if cfg[-1] and not gemv_supported(x8, qweight, gscale):
+        # A GEMV config for operands it cannot read (K not a multiple of 4, groups of 32, ...):
+        # the tensor-core kernel with its untuned small-M tiles.
+        cfg = tuple(heuristic_config(M, N, K, gemv=False).get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
+    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv = cfg
     if use_asm is None:
         use_asm = on_gpu
+    if gemv and M > 0:
+        y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
+        return _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns,
+                            use_asm).reshape(*lead, N)
     if split > 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=x8.device)
     else:

@@ -78,6 +78,10 @@ VARIANTS = [
     dict(BLOCK_M=32, BLOCK_N=32, SPLIT_K=2, UNROLL=2, SWAP=True),
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, UNROLL=1, VEC=True),
     dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=2, UNROLL=2, SWAP=True, VEC=True),
+    # The small-M GEMV kernel: tokens per program, rows, chunks per iteration, register prefetch.
+    dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, UNROLL=4),
+    dict(GEMV=True, BLOCK_M=4, BLOCK_N=16, UNROLL=2, num_stages=2),
+    dict(GEMV=True, BLOCK_M=8, BLOCK_N=4, UNROLL=16, num_stages=2),
 ]
 
 
@@ -88,7 +92,53 @@ def test_kernel_variants_are_bit_exact(cfg, fmt, group, device):
     xsum = x8.sum(-1, dtype=torch.int32)
     args = (x8, torch.ones(5, device=device), xsum, qw.qweight, torch.ones(48, device=device), qw.gscale, qw.gzero,
             None, torch.float32)
-    got = w4a8_gemm_triton(*args, config=dict(cfg, GROUP_M=1, num_warps=4, num_stages=2))
+    got = w4a8_gemm_triton(*args, config=dict(dict(GROUP_M=1, num_warps=4, num_stages=2), **cfg))
+    assert torch.equal(got, w4a8_gemm_reference(*args))
+
+
+@pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("progressive", 256), ("per_channel", -1)])
+@given(
+    m=st.integers(1, 9), n=st.integers(1, 40), k_words=st.integers(1, 100), block_m=st.sampled_from([1, 2, 4, 8]),
+    block_n=st.sampled_from([2, 4, 8]), unroll=st.sampled_from([1, 2, 4]), prefetch=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_gemv_kernel_is_bit_exact(fmt, group, m, n, k_words, block_m, block_n, unroll, prefetch, seed, device):
+    # Any M (more tokens than BLOCK_M: several token tiles), any N, any K that is whole words: the
+    # GEMV kernel reads activations and weights as int32 words.
+    k = 4 * k_words
+    qw, x8, _ = _random_case(m, n, k, fmt, group, seed, device)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (x8, torch.ones(m, device=device), xsum, qw.qweight, torch.ones(n, device=device), qw.gscale, qw.gzero,
+            None, torch.float32)
+    cfg = dict(GEMV=True, BLOCK_M=block_m, BLOCK_N=block_n, UNROLL=unroll, num_warps=4, num_stages=2 if prefetch else 1)
+    assert torch.equal(w4a8_gemm_triton(*args, config=cfg), w4a8_gemm_reference(*args))
+
+
+@pytest.mark.parametrize("fmt,group,k", [("progressive", 32, 256), ("progressive", 128, 301), ("per_channel", -1, 130)])
+def test_gemv_config_falls_back_where_it_cannot_read_the_operands(fmt, group, k, device):
+    # Groups of 32 (narrower than a half chunk) and K not a multiple of 4: the tensor-core kernel
+    # runs instead, with the same result.
+    qw, x8, _ = _random_case(3, 24, k, fmt, group, 5, device)
+    import lowering.w4a8_gemm as wg
+
+    assert not wg.gemv_supported(x8, qw.qweight, qw.gscale)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (x8, torch.ones(3, device=device), xsum, qw.qweight, torch.ones(24, device=device), qw.gscale, qw.gzero,
+            None, torch.float32)
+    got = w4a8_gemm_triton(*args, config=dict(GEMV=True, BLOCK_M=4, BLOCK_N=8, UNROLL=2))
+    assert torch.equal(got, w4a8_gemm_reference(*args))
+
+
+def test_gemv_reads_strided_activation_rows(device):
+    # Rows of x8 that are not word-aligned (a slice at an odd column offset) are copied, not misread.
+    qw, x8, _ = _random_case(3, 16, 256, "progressive", 128, 9, device)
+    wide = torch.zeros(3, 259, dtype=torch.int8, device=device)
+    wide[:, 3:] = x8
+    xv = wide[:, 3:]
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (xv, torch.ones(3, device=device), xsum, qw.qweight, torch.ones(16, device=device), qw.gscale, qw.gzero,
+            None, torch.float32)
+    got = w4a8_gemm_triton(*args, config=dict(GEMV=True, BLOCK_M=4, BLOCK_N=8, UNROLL=2))
     assert torch.equal(got, w4a8_gemm_reference(*args))
 
 
