@@ -145,7 +145,9 @@ def test_gemv_reads_strided_activation_rows(device):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", ["progressive", "per_channel"])
 @pytest.mark.parametrize("cfg", [None, *VARIANTS, dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3),
-                                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SWAP=True, UNROLL=2)])
+                                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SWAP=True, UNROLL=2)],
+                         ids=lambda c: "default" if c is None else ("gemv-" if c.get("GEMV") else "mma-")
+                         + "-".join(f"{k}{v}" for k, v in c.items() if k != "GEMV"))
 def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt, cfg):
     qw, x8, _ = _random_case(77, 300, 1024, fmt, 128, 3, "cuda")
     ones_m = torch.ones(77, device="cuda")
