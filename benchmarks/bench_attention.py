@@ -2,21 +2,34 @@
 
 GQA 32 query / 8 KV heads, head_dim 128, one query token against a full cache of length L:
 
-    python benchmarks/bench_attention.py out.json                 # on a GPU: the table + JSON
-    python benchmarks/bench_attention.py out.json --shapes 1x32768,16x8192,64x4096 --no-sweep
+    python benchmarks/bench_attention.py out.json                    # on a GPU: the table + JSON
+    python benchmarks/bench_attention.py out.json --sweep --write-config cfg.json   # tune, store the rule
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py out.json --tiny   # the correctness path on CPU
 
-Each row: medians (triton.testing.do_bench) of our op, our launcher alone, SDPA (enable_gqa) and SDPA over
-repeat_kv-expanded K/V (transformers' fallback); bytes each must read; the floor = bytes / measured copy
-bandwidth; the max error of our output against SDPA over the dequantized cache (the op's spec).
+Timing: each op is captured `--calls` times in one CUDA graph and the replay is timed with events
+(median of `--reps` replays / calls), so Python dispatch stays out, as under `mode="reduce-overhead"`;
+the captured calls rotate over copies of the caches (at least 200 MB in all) so no call finds its
+cache in L2 (50 MB on an H100). SDPA (enable_gqa, and over repeat_kv-expanded K/V) is timed the same
+way in the same run. Each row also carries the eager `do_bench` time of both (Python dispatch
+included), the bytes each must read, the floor = bytes / measured copy bandwidth, and the error of
+our output against SDPA over the dequantized cache (the op's spec).
+
+The sweep times config families (BLOCK_N, num_warps, num_stages, LAZY) with the split rule's
+CTAS_PER_SM at several shapes; --write-config stores, for "decode", the family and rule with the best
+geometric mean of time / best time over the swept shapes (lowering/kv4_attention.py reads it).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import math
 import os
+import statistics
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +40,56 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from lowering.kv4_append import kv4_alloc, kv4_append, kv4_dequantize  # noqa: E402
+from lowering import kv4_attention as ka  # noqa: E402
 from lowering.kv4_attention import kv4_attention, kv4_attention_triton  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(1, 32768), (16, 8192), (64, 4096)]
+SWEEP_SHAPES = [(1, 32768), (16, 8192), (64, 4096), (4, 2048), (8, 16384), (32, 1024)]
+ROTATE_BYTES = 200 << 20
+# (num_warps, BLOCK_N) pairs that fit registers and shared memory, each at 2 and 3 stages
+FAMILIES = [dict(num_warps=w, BLOCK_N=n, num_stages=s, LAZY=True)
+            for w, n in ((1, 64), (2, 64), (2, 128), (4, 64), (4, 128), (4, 256), (8, 256)) for s in (2, 3)]
+FAMILIES += [dict(num_warps=w, BLOCK_N=n, num_stages=2, LAZY=False) for w, n in ((2, 128), (4, 128))]
+CTAS_PER_SM = (2, 4, 8, 16)
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
+def gtime(calls, n_calls: int, reps: int) -> float:
+    """Median ms per call of `n_calls` calls (rotating over `calls`) captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (and compile) outside the capture
+        for f in calls:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            calls[i % len(calls)]()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1) / n_calls)
+    del g
+    return statistics.median(ts)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the higher of graph and do_bench timing."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(20):  # clocks up first
+        y.copy_(x)
+    ms = min(gtime([lambda: y.copy_(x)], 10, 10), do_bench(lambda: y.copy_(x), warmup=25, rep=200,
+                                                           return_mode="median"))
+    return 2 * x.numel() / (ms * 1e-3)
 
 
 def _inputs(batch: int, length: int, device: str, dtype: torch.dtype, hq: int = HQ, hkv: int = HKV, d: int = D):
@@ -54,96 +105,165 @@ def _inputs(batch: int, length: int, device: str, dtype: torch.dtype, hq: int = 
     return q, k, v, caches, pos
 
 
+def _copies(nbytes: int) -> int:
+    return max(1, min(16, math.ceil(ROTATE_BYTES / nbytes)))
+
+
 def _repeat_kv(x: torch.Tensor, g: int) -> torch.Tensor:
     b, h, length, d = x.shape
     return x[:, :, None].expand(b, h, g, length, d).reshape(b, h * g, length, d)
 
 
-def bench_shape(batch: int, length: int, device: str, bandwidth: float, sweep: bool,
+def _cfg_kwargs(fam: dict, ctas: int) -> dict:
+    return dict(block_n=fam["BLOCK_N"], num_warps=fam["num_warps"], num_stages=fam["num_stages"],
+                tuning={"LAZY": fam["LAZY"], "CTAS_PER_SM": ctas})
+
+
+def _compile_job(job):
+    """Worker: run one family once at a shape so Triton's disk cache holds its kernels."""
+    batch, length, hq, hkv, fam = job
+    fails = []
+    q = torch.randn(batch, hq, 1, D, device="cuda", dtype=torch.bfloat16)
+    caches = [*kv4_alloc(batch, hkv, length, D, "cuda"), *kv4_alloc(batch, hkv, length, D, "cuda")]
+    pos = torch.tensor([length - 1], device="cuda")
+    for splits in (1, 2):  # the two PARTIAL variants
+        try:
+            kv4_attention_triton(q, *caches, pos, num_splits=splits, **_cfg_kwargs(fam, 4))
+        except Exception as e:  # out of registers / shared memory: the sweep skips the family
+            fails.append((fam, repr(e)[:200]))
+    torch.cuda.synchronize()
+    return fails
+
+
+def precompile(jobs, workers: int = 8) -> None:
+    import multiprocessing as mp
+    t0 = time.time()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        fails = [f for r in ex.map(_compile_job, jobs) for f in r]
+    print(f"precompiled {len(jobs)} jobs in {time.time() - t0:.0f} s, {len(fails)} configs failed", flush=True)
+    for f in fails[:6]:
+        print("  failed:", f, flush=True)
+
+
+def bench_shape(batch: int, length: int, bandwidth: float, sweep: bool, args, hq: int = HQ, hkv: int = HKV,
                 dtype: torch.dtype = torch.bfloat16) -> dict:
-    q, k, v, caches, pos = _inputs(batch, length, device, dtype)
-    g = HQ // HKV
-    kernels = "triton"
-
-    def ours():
-        return kv4_attention(q, *caches, pos, None, None, kernels)
-
-    def launcher():
-        return kv4_attention_triton(q, *caches, pos)
-
-    def sdpa_gqa():
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-    def sdpa_repeat():
-        return F.scaled_dot_product_attention(q, _repeat_kv(k, g), _repeat_kv(v, g))
+    device = "cuda"
+    q, k, v, caches, pos = _inputs(batch, length, device, dtype, hq, hkv)
+    g = hq // hkv
+    kv4_bytes = sum(t.numel() * t.element_size() for t in caches) + 2 * q.numel() * q.element_size()
+    bf16_bytes = (k.numel() + v.numel()) * k.element_size() + 2 * q.numel() * q.element_size()
+    cache_copies = [caches] + [[t.clone() for t in caches] for _ in range(_copies(kv4_bytes) - 1)]
+    kv_copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(_copies(bf16_bytes) - 1)]
 
     # the spec: attention over the dequantized cache (fp32 math in SDPA's hands)
     kd = kv4_dequantize(caches[0], caches[1])
     vd = kv4_dequantize(caches[2], caches[3])
     spec = F.scaled_dot_product_attention(q.float(), kd, vd, enable_gqa=True)
     del kd, vd
-    out = ours()
+    out = kv4_attention(q, *caches, pos, None, None, "triton")
     err = (out.float() - spec).abs().max().item()
-    fp_err = (sdpa_gqa().float() - spec).abs().max().item()  # bf16 K/V vs KV4 K/V: the quantization error
+    rel = ((out.float() - spec).norm() / spec.norm()).item()
+    fp_err = (F.scaled_dot_product_attention(q, k, v, enable_gqa=True).float() - spec).abs().max().item()
     torch.testing.assert_close(out.float(), spec, atol=3e-2, rtol=3e-2)
 
-    times = {}
-    for name, fn in (("kv4_op", ours), ("kv4_launcher", launcher), ("sdpa_gqa_bf16", sdpa_gqa),
-                     ("sdpa_repeat_kv_bf16", sdpa_repeat)):
+    ours = [lambda c=c: kv4_attention(q, *c, pos, None, None, "triton") for c in cache_copies]
+    sdpa_gqa = [lambda kv=kv: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True) for kv in kv_copies]
+    sdpa_rep = [lambda kv=kv: F.scaled_dot_product_attention(q, _repeat_kv(kv[0], g), _repeat_kv(kv[1], g))
+                for kv in kv_copies]
+    times, eager = {}, {}
+    for name, fns in (("kv4_op", ours), ("sdpa_gqa_bf16", sdpa_gqa), ("sdpa_repeat_kv_bf16", sdpa_rep)):
         try:
-            times[name] = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            times[name] = gtime(fns, args.calls, args.reps)
+            eager[name] = do_bench(fns[0], warmup=25, rep=100, return_mode="median")
         except Exception as e:  # an SDPA backend can refuse a shape; say so in the row
-            times[name] = None
+            times[name] = eager[name] = None
             print(f"  {name} at B={batch} L={length}: {type(e).__name__}: {e}", file=sys.stderr)
+        torch.cuda.empty_cache()
+    cfg = ka.choose_config(q.device, batch, hkv, g, length)
+    try:  # the same default config with the pure-Triton unpack: what the inline PTX buys
+        times["kv4_pure_triton_unpack"] = gtime(
+            [lambda c=c: kv4_attention_triton(q, *c, pos, use_asm=False) for c in cache_copies], args.calls, args.reps)
+    except Exception as e:
+        times["kv4_pure_triton_unpack"] = None
+        print(f"  pure-Triton unpack: {type(e).__name__}: {e}", file=sys.stderr)
 
-    best = None
+    swept = []
     if sweep:
-        configs = []
-        for block_n in (32, 64, 128):
-            for splits in (None, 1, 2, 4, 8, 16, 32, 64):
-                tiles = triton.cdiv(length, block_n)
-                if splits is not None and splits > tiles:
-                    continue
+        timed: dict = {}  # (family, splits) -> ms, or None where it failed
+        for fam, ctas in itertools.product(FAMILIES, CTAS_PER_SM):
+            kw = _cfg_kwargs(fam, ctas)
+            splits = ka.choose_config(q.device, batch, hkv, g, length, BLOCK_N=fam["BLOCK_N"],
+                                      CTAS_PER_SM=ctas)["num_splits"]
+            key = (tuple(sorted(fam.items())), splits)
+            if key not in timed:  # a larger CTAS_PER_SM often gives the same split: same kernel, timed once
                 try:
-                    ms = do_bench(lambda: kv4_attention_triton(q, *caches, pos, num_splits=splits, block_n=block_n),
-                                  warmup=10, rep=50, return_mode="median")
-                except Exception as e:  # out of shared memory / registers for a config: skip it
-                    print(f"  sweep block_n={block_n} splits={splits}: {type(e).__name__}", file=sys.stderr)
-                    continue
-                configs.append({"block_n": block_n, "num_splits": splits, "ms": ms})
-        best = min(configs, key=lambda c: c["ms"]) if configs else None
+                    timed[key] = gtime([lambda c=c: kv4_attention_triton(q, *c, pos, **kw) for c in cache_copies],
+                                       max(4, args.calls // 2), max(3, args.reps // 2))
+                except Exception as e:  # registers / shared memory: skip the family here
+                    print(f"  sweep {fam} ctas={ctas}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+                    timed[key] = None
+            if timed[key] is not None:
+                swept.append({**fam, "CTAS_PER_SM": ctas, "num_splits": splits, "ms": timed[key]})
+    best = min(swept, key=lambda s: s["ms"]) if swept else None
 
-    kv4_bytes = sum(t.numel() * t.element_size() for t in caches) + 2 * q.numel() * q.element_size()
-    bf16_bytes = (k.numel() + v.numel()) * k.element_size() + 2 * q.numel() * q.element_size()
     row = {
-        "batch": batch, "length": length, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "dtype": str(dtype),
-        "ms": times,
+        "batch": batch, "length": length, "q_heads": hq, "kv_heads": hkv, "head_dim": D, "dtype": str(dtype),
+        "ms": times, "eager_ms": eager, "config": cfg,
         "kv4_bytes": kv4_bytes, "bf16_bytes": bf16_bytes,
         "kv4_floor_ms": kv4_bytes / bandwidth * 1e3, "bf16_floor_ms": bf16_bytes / bandwidth * 1e3,
-        "max_abs_err_vs_spec": err, "bf16_sdpa_err_vs_spec": fp_err,
-        "sweep_best": best,
+        "max_abs_err_vs_spec": err, "rel_err_vs_spec": rel, "bf16_sdpa_err_vs_spec": fp_err,
+        "sweep": swept, "sweep_best": best,
     }
     sdpa_times = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
-    row["speedup_vs_sdpa"] = min(sdpa_times) / times["kv4_op"] if sdpa_times else None
-    row["kv4_fraction_of_roofline"] = row["kv4_floor_ms"] / times["kv4_op"]
+    row["speedup_vs_sdpa"] = min(sdpa_times) / times["kv4_op"] if sdpa_times and times["kv4_op"] else None
+    row["kv4_fraction_of_roofline"] = row["kv4_floor_ms"] / times["kv4_op"] if times["kv4_op"] else None
+    row["sdpa_fraction_of_roofline"] = row["bf16_floor_ms"] / min(sdpa_times) if sdpa_times else None
+    del cache_copies, kv_copies
+    torch.cuda.empty_cache()
     return row
 
 
+def fit_config(rows: list[dict]) -> dict | None:
+    """The family + CTAS_PER_SM with the best geometric mean of time / best time over the swept shapes."""
+    scores: dict = {}
+    for r in rows:
+        if not r["sweep"]:
+            continue
+        best = min(s["ms"] for s in r["sweep"])
+        for s in r["sweep"]:
+            key = (s["num_warps"], s["BLOCK_N"], s["num_stages"], s["LAZY"], s["CTAS_PER_SM"])
+            scores.setdefault(key, []).append(math.log(s["ms"] / best))
+    n = max((len(v) for v in scores.values()), default=0)
+    full = {k: v for k, v in scores.items() if len(v) == n and n > 0}  # families that ran at every shape
+    if not full:
+        return None
+    (w, bn, st, lazy, ctas), logs = min(full.items(), key=lambda kv: sum(kv[1]))
+    return {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "LAZY": lazy, "CTAS_PER_SM": ctas,
+            "MIN_SPLIT_TILES": ka.DEFAULT_CONFIGS["decode"]["MIN_SPLIT_TILES"],
+            "geomean_vs_best": math.exp(sum(logs) / len(logs))}
+
+
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'B':>4} {'L':>6} | {'kv4 op':>8} {'launch':>8} {'floor':>7} {'%roof':>6} | {'sdpa gqa':>8} "
-            f"{'sdpa rep':>8} {'bf16 flr':>8} | {'speedup':>7} | {'best cfg (ms)':>22} | {'err':>8}")
+    head = (f"{'B':>3} {'L':>6} {'Hq/Hkv':>6} | {'kv4 op':>8} {'floor':>7} {'%roof':>6} | {'sdpa gqa':>8} "
+            f"{'sdpa rep':>8} {'%roof':>6} | {'speedup':>7} | {'pure':>7} | {'eager kv4/sdpa':>15} | "
+            f"{'best swept (ms)':>26} | {'rel err':>7}")
     print(head)
     print("-" * len(head))
+    fmt = lambda x: f"{x:8.4f}" if x is not None else f"{'n/a':>8}"  # noqa: E731
     for r in rows:
-        t = r["ms"]
-        fmt = lambda x: f"{x:8.4f}" if x is not None else f"{'n/a':>8}"  # noqa: E731
-        best = r["sweep_best"]
-        best_s = f"n={best['block_n']} s={best['num_splits']} {best['ms']:.4f}" if best else "-"
-        print(f"{r['batch']:>4} {r['length']:>6} | {fmt(t['kv4_op'])} {fmt(t['kv4_launcher'])} "
-              f"{r['kv4_floor_ms']:7.4f} {100 * r['kv4_fraction_of_roofline']:5.1f}% | {fmt(t['sdpa_gqa_bf16'])} "
-              f"{fmt(t['sdpa_repeat_kv_bf16'])} {r['bf16_floor_ms']:8.4f} | {r['speedup_vs_sdpa'] or 0:6.2f}x | "
-              f"{best_s:>22} | {r['max_abs_err_vs_spec']:8.1e}")
-    print("times in ms (medians); floor = bytes read / measured copy bandwidth; speedup = best SDPA / kv4 op")
+        t, e = r["ms"], r["eager_ms"]
+        b = r["sweep_best"]
+        best_s = (f"w{b['num_warps']} n{b['BLOCK_N']} s{b['num_stages']} x{b['num_splits']} {b['ms']:.4f}"
+                  if b else "-")
+        pure = t.get("kv4_pure_triton_unpack")
+        print(f"{r['batch']:>3} {r['length']:>6} {r['q_heads']:>3}/{r['kv_heads']:<2} | {fmt(t['kv4_op'])} "
+              f"{r['kv4_floor_ms']:7.4f} {100 * (r['kv4_fraction_of_roofline'] or 0):5.1f}% | "
+              f"{fmt(t['sdpa_gqa_bf16'])} {fmt(t['sdpa_repeat_kv_bf16'])} "
+              f"{100 * (r['sdpa_fraction_of_roofline'] or 0):5.1f}% | {r['speedup_vs_sdpa'] or 0:6.2f}x | "
+              f"{pure or 0:7.4f} | {e['kv4_op'] or 0:7.4f}/{e['sdpa_gqa_bf16'] or 0:7.4f} | {best_s:>26} | "
+              f"{r['rel_err_vs_spec']:7.1e}")
+    print("ms per call, CUDA-graph medians (eager = do_bench of one Python call); floor = bytes read / copy "
+          "bandwidth; speedup = best SDPA / kv4 op; pure = kv4 with the pure-Triton unpack")
 
 
 def tiny_check(device: str = "cpu") -> list[dict]:
@@ -164,8 +284,12 @@ def tiny_check(device: str = "cpu") -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="path of the JSON file to write")
-    ap.add_argument("--shapes", default=",".join(f"{b}x{l}" for b, l in SHAPES), help="BxL,BxL,...")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the block_n x num_splits sweep")
+    ap.add_argument("--shapes", default=None, help="BxL[xHqxHkv],... (default: the issue's three, or the "
+                    "sweep's six with --sweep)")
+    ap.add_argument("--sweep", action="store_true", help="time the config families at every shape")
+    ap.add_argument("--write-config", default=None, help="with --sweep: write the fitted decode config here")
+    ap.add_argument("--calls", type=int, default=20, help="calls captured per CUDA graph")
+    ap.add_argument("--reps", type=int, default=10, help="graph replays timed")
     ap.add_argument("--tiny", action="store_true", help="correctness path only, toy sizes (CPU interpreter)")
     args = ap.parse_args(argv)
 
@@ -180,19 +304,42 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("bench_attention: needs a CUDA GPU (use --tiny for the CPU correctness path)", file=sys.stderr)
             return 2
-        device = "cuda"
-        bandwidth = copy_bandwidth(device)
+        shapes = []
+        for spec in (args.shapes or ",".join(f"{b}x{l}" for b, l in (SWEEP_SHAPES if args.sweep else SHAPES))).split(","):
+            parts = [int(x) for x in spec.lower().split("x")]
+            shapes.append((parts[0], parts[1], *(parts[2:4] if len(parts) >= 4 else (HQ, HKV))))
+        if args.sweep:
+            precompile([(1, 4096, hq, hkv, fam) for hq, hkv in sorted({(hq, hkv) for _, _, hq, hkv in shapes})
+                        for fam in FAMILIES])
+        bandwidth = copy_bandwidth()
         name = torch.cuda.get_device_name()
-        print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+        print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
         rows = []
-        for spec in args.shapes.split(","):
-            b, l = (int(x) for x in spec.lower().split("x"))
-            rows.append(bench_shape(b, l, device, bandwidth, sweep=not args.no_sweep))
-            torch.cuda.empty_cache()
+        for b, l, hq, hkv in shapes:
+            t0 = time.time()
+            rows.append(bench_shape(b, l, bandwidth, args.sweep, args, hq, hkv))
+            r = rows[-1]
+            print(f"  B={b} L={l} {hq}/{hkv}: kv4 {r['ms']['kv4_op']:.4f} ms, sdpa {r['ms']['sdpa_gqa_bf16']} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            with open(args.out, "w") as f:  # after every shape, so a run cut short still leaves its rows
+                json.dump({**meta, "device": name, "copy_bandwidth_Bps": bandwidth, "rows": rows}, f, indent=1)
         print_table(rows)
-        result = {**meta, "device": name, "copy_bandwidth_Bps": bandwidth, "rows": rows}
+        result = {**meta, "device": name, "copy_bandwidth_Bps": bandwidth,
+                  "timing": f"CUDA graph of {args.calls} calls, median of {args.reps} replays, caches rotated "
+                            f"over >= {ROTATE_BYTES >> 20} MB", "rows": rows}
+        if args.sweep:
+            fitted = fit_config(rows)
+            result["fitted_decode_config"] = fitted
+            print("fitted decode config:", fitted)
+            if args.write_config and fitted:
+                with open(args.write_config, "w") as f:
+                    json.dump({"device": name, "date": meta["date"][:10], "triton": triton.__version__,
+                               "source": "benchmarks/bench_attention.py --sweep",
+                               "configs": {"decode": {k: v for k, v in fitted.items() if k != "geomean_vs_best"}}},
+                              f, indent=1)
+                print(f"wrote {args.write_config}")
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -7,7 +7,11 @@ tokens, dequantizes it in registers, and keeps an online softmax; a second kerne
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import re
+import warnings
 
 import torch
 import triton
@@ -66,25 +70,224 @@ def kv4_attention_reference(
     return out.to(q.dtype).contiguous()
 
 
+# ---- the kernels ----------------------------------------------------------------------------------
+# Codes reach the tensor cores as 16-bit floats made without a conversion instruction: OR-ing a code
+# c in [0, 15] into the low mantissa bits of BIAS gives the float BIAS + c exactly (bf16 keeps 7
+# mantissa bits: BIAS = 128 = 0x4300; fp16 keeps 10: BIAS = 1024 = 0x6400). The dots run on BIAS + c
+# and each tile subtracts BIAS·Σq (K) and BIAS·Σp (V) in fp32, which is exact algebra. Converting
+# each code with int -> float instructions (I2F runs at a quarter of the integer rate on Hopper) was
+# what held the first kernel to 12-30% of the bandwidth floor.
+CODE_F32, CODE_BF16, CODE_F16 = 0, 1, 2
+_CODE_BIAS = {CODE_F32: 0.0, CODE_BF16: 128.0, CODE_F16: 1024.0}
+
+# K and V are read as 16-bit pairs of bytes: pair i of a token holds dims 2i, 2i+1 (low nibbles) and
+# D/2+2i, D/2+2i+1 (high). The P·V dot sums over tokens, so its operand wants consecutive tokens in a
+# register: 16-bit elements get there by a transposing ldmatrix, where single bytes took one
+# shared-memory load each plus PRMTs to gather them. K's dot sums over dims, so its 16-bit pairs load
+# as they lie. One asm call takes two pairs (two tokens of V, or pairs i, i+1 of K) in $4: PRMT
+# spreads the even (odd) bytes into 16-bit lanes, LOP3 masks a nibble and ORs the exponent in one
+# instruction, the high nibbles shift down by 4 first: 8 instructions for 8 codes, no conversions.
+# $0 = dim 2i of both pairs, $1 = dim 2i+1, $2 = D/2+2i, $3 = D/2+2i+1.
+_UNPACK_PAIRS_ASM = """
+{{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4240;
+prmt.b32 t1, $4, 0, 0x4341;
+lop3.b32 $0, t0, 0x000F000F, {magic}, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, {magic}, 0xEA;
+shr.u32 u0, t0, 4;
+shr.u32 u1, t1, 4;
+lop3.b32 $2, u0, 0x000F000F, {magic}, 0xEA;
+lop3.b32 $3, u1, 0x000F000F, {magic}, 0xEA;
+}}
+"""
+_UNPACK_PAIRS_ASM_BF16 = tl.constexpr(_UNPACK_PAIRS_ASM.format(magic="0x43004300"))
+_UNPACK_PAIRS_ASM_F16 = tl.constexpr(_UNPACK_PAIRS_ASM.format(magic="0x64006400"))
+
+
 @triton.jit
+def _code_bits(c, CODE: tl.constexpr):
+    """int codes in [0, 15] -> BIAS + code as the 16-bit float of CODE (or the fp32 code for CODE 0)."""
+    if CODE == 0:
+        return c.to(tl.float32)
+    elif CODE == 1:
+        return (c.to(tl.int32) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _unpack_pairs(w, CODE: tl.constexpr, USE_ASM: tl.constexpr):
+    """int16 byte pairs -> the codes of dims 2i, 2i+1 (low nibbles) and D/2+2i, D/2+2i+1 (high)."""
+    if USE_ASM and CODE == 1:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _UNPACK_PAIRS_ASM_BF16, "=r,=r,=r,=r,r", [w], dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    elif USE_ASM and CODE == 2:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            _UNPACK_PAIRS_ASM_F16, "=r,=r,=r,=r,r", [w], dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+    else:  # the same bits one code at a time (little-endian: byte 2i is the low byte of pair i)
+        c0 = _code_bits(w & 0x0F, CODE)
+        c1 = _code_bits((w >> 8) & 0x0F, CODE)
+        c2 = _code_bits((w >> 4) & 0x0F, CODE)
+        c3 = _code_bits((w >> 12) & 0x0F, CODE)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _exp2(x, FTZ_EXP: tl.constexpr):
+    """2^x; on the GPU the flush-to-zero MUFU.EX2 alone (tl.exp2's IEEE path adds a range test and two
+    multiplies per element, a quarter of the softmax's instructions). Results below 2^-126 become 0,
+    which no softmax weight misses."""
+    if FTZ_EXP:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _split_meta(w):
+    """int32 words holding the fp16 pair (scale, zero) of each token -> two fp32 vectors."""
+    scale = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    zero = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return scale, zero
+
+
+@triton.jit
+def _attend_tile(
+    n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
+    kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
+    OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, CODE: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, LAZY: tl.constexpr, FTZ_EXP: tl.constexpr,
+):
+    """One KV tile [n0, n0 + BLOCK_N) for the program's query rows: scores, online softmax, P·V.
+
+    MASKED tiles may cross the causal bound of a row or the end of the split; the others are visible
+    to every row, so they skip every bounds check (the bulk of a decode).
+    """
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < end
+    # K read transposed, [D/4, BLOCK_N] byte pairs: the dot's B operand as loaded, pairs contiguous
+    # along D. V read as [BLOCK_N, D/4] byte pairs.
+    kp = kbase + n[None, :] * skl + e[:, None]
+    vp = vbase + n[:, None] * svl + e[None, :]
+    if MASKED:
+        if EVEN_D:
+            kw = tl.load(kp, mask=n_ok[None, :], other=0)
+            vw = tl.load(vp, mask=n_ok[:, None], other=0)
+        else:
+            kw = tl.load(kp, mask=n_ok[None, :] & e_ok[:, None], other=0)
+            vw = tl.load(vp, mask=n_ok[:, None] & e_ok[None, :], other=0)
+        km = tl.load(kmbase + n * skml, mask=n_ok, other=0)
+        vm = tl.load(vmbase + n * svml, mask=n_ok, other=0)
+    else:
+        if EVEN_D:
+            kw = tl.load(kp)
+            vw = tl.load(vp)
+        else:
+            kw = tl.load(kp, mask=e_ok[:, None], other=0)
+            vw = tl.load(vp, mask=e_ok[None, :], other=0)
+        km = tl.load(kmbase + n * skml)
+        vm = tl.load(vmbase + n * svml)
+
+    k0, k1, k2, k3 = _unpack_pairs(kw, CODE, USE_ASM)
+    if DOT_F32:
+        # The interpreter's bf16 dot is wrong (bf16 is held as uint16); the same values in fp32 are not.
+        k0 = k0.to(tl.float32)
+        k1 = k1.to(tl.float32)
+        k2 = k2.to(tl.float32)
+        k3 = k3.to(tl.float32)
+    s = tl.dot(q3, k3, tl.dot(q2, k2, tl.dot(q1, k1, tl.dot(q0, k0))))
+    # q·k = scale·q·(BIAS + c) + (zero - BIAS·scale)·Σq, with the softmax scale (base 2) folded in
+    k_scale, k_zero = _split_meta(km)
+    ks = k_scale * qk_scale
+    kz = (k_zero - BIAS * k_scale) * qk_scale
+    s = s * ks[None, :] + q_sum[:, None] * kz[None, :]
+    if HAS_MASK:
+        mp = mrow[:, None] + n[None, :] * sml
+        if MASK_BOOL:  # read as bytes: True = attend
+            keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            s += tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
+    if MASKED:
+        s = tl.where(n[None, :] <= lim[:, None], s, float("-inf"))
+
+    # Online softmax in base 2. LAZY: the reference m_i moves only when a score passes it by more than
+    # 2^8 (p ≤ 256 is harmless in fp32 and bf16), so after the first tiles the accumulators are rarely
+    # rescaled and the rescale is skipped for the whole program. A row that has seen only -inf keeps
+    # m = -inf and uses 0 as its reference so no inf - inf appears.
+    m_tile = tl.max(s, 1)
+    if LAZY:
+        m_new = tl.where(m_tile > m_i + 8.0, m_tile, m_i)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if tl.max((m_new != m_i).to(tl.int32), 0) > 0:
+            alpha = _exp2(m_i - m_ref, FTZ_EXP)
+            l_i = l_i * alpha
+            c_i = c_i * alpha
+            acc0 = acc0 * alpha[:, None]
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            acc3 = acc3 * alpha[:, None]
+    else:
+        m_new = tl.maximum(m_i, m_tile)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = _exp2(m_i - m_ref, FTZ_EXP)
+        l_i = l_i * alpha
+        c_i = c_i * alpha
+        acc0 = acc0 * alpha[:, None]
+        acc1 = acc1 * alpha[:, None]
+        acc2 = acc2 * alpha[:, None]
+        acc3 = acc3 * alpha[:, None]
+    p = _exp2(s - m_ref[:, None], FTZ_EXP)
+    l_i = l_i + tl.sum(p, 1)
+
+    v0, v1, v2, v3 = _unpack_pairs(vw, CODE, USE_ASM)
+    v_scale, v_zero = _split_meta(vm)
+    # Σ_j p_j (scale_j·c_j + zero_j) = (p·scale) @ (BIAS + c) + Σ_j (p_j·zero_j - BIAS·(p·scale)_j),
+    # the last sum over the p·scale values as rounded for the dot; it is the same for every column,
+    # so it is kept per row (c_i) and added once at the end.
+    pv = (p * v_scale[None, :]).to(OUT_DTYPE)
+    pv32 = pv.to(tl.float32)
+    c_i = c_i + tl.sum(p * v_zero[None, :] - BIAS * pv32, 1)
+    if DOT_F32:
+        pv = pv32
+        v0 = v0.to(tl.float32)
+        v1 = v1.to(tl.float32)
+        v2 = v2.to(tl.float32)
+        v3 = v3.to(tl.float32)
+    acc0 = tl.dot(pv, v0, acc0)
+    acc1 = tl.dot(pv, v1, acc1)
+    acc2 = tl.dot(pv, v2, acc2)
+    acc3 = tl.dot(pv, v3, acc3)
+    return m_new, l_i, c_i, acc0, acc1, acc2, acc3
+
+
+# Sizes and counts are not specialized (each new length or split count would compile again); the
+# strides are, so 16-byte alignment of the cache rows is known and loads vectorize.
+@triton.jit(do_not_specialize=["Hkv", "Hq", "Tq", "L", "D2", "split_len", "num_splits"])
 def _kv4_attention_kernel(
     Q, KC, KM, VC, VM, POS, MASK, O, PACC, PML,
     sqb, sqh, sqt, sqd,                  # q [B, Hq, Tq, D]
-    skb, skh, skl, skd,                  # k data [B, Hkv, L, D/2]
-    skmb, skmh, skml, skmc,              # k meta [B, Hkv, L, 2]
-    svb, svh, svl, svd,                  # v data
-    svmb, svmh, svml, svmc,              # v meta
+    skb, skh, skl,                       # k data seen as int16 [B, Hkv, L, D/4], pairs contiguous
+    skmb, skmh, skml,                    # k meta seen as int32 [B, Hkv, L]: one (scale, zero) fp16 pair a word
+    svb, svh, svl,                       # v data seen as int16 [B, Hkv, L, D/4], pairs contiguous
+    svmb, svmh, svml,                    # v meta (int32 view)
     smb, smh, smt, sml,                  # additive mask, broadcast to [B, Hq, Tq, L] (0-strides)
-    sob, soh, sot, sod,                  # out [B, Hq, Tq, D] (written when NUM_SPLITS == 1)
-    Hkv, Hq, Tq, L, D2, split_len, qk_scale,
+    sob, soh, sot, sod,                  # out [B, Hq, Tq, D] (written when not PARTIAL)
+    Hkv, Hq, Tq, L, D2, split_len, num_splits, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DOT_F32: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CODE: tl.constexpr,
+    BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
+    LAZY: tl.constexpr, FTZ_EXP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)  # batch offsets can pass 2^31 bytes; offsets inside a head cannot
     h = pid_bh % Hkv
+    BLOCK_D4: tl.constexpr = BLOCK_D2 // 2
 
     # Rows are (token, head-in-group), token-major: a row block covers consecutive tokens, so the
     # causal bound of the block is tight, and all G heads sharing the KV head are in the same block.
@@ -92,104 +295,95 @@ def _kv4_attention_kernel(
     row_ok = rows < G * Tq
     t = rows // G
     qh = h * G + rows % G
-    pos = tl.load(POS + t, mask=row_ok, other=-1)
-    d = tl.arange(0, BLOCK_D2)
-    d_ok = d < D2
+    pos = tl.load(POS + t, mask=row_ok, other=-1).to(tl.int32)
+    e = tl.arange(0, BLOCK_D4)  # byte pairs: dims 2e, 2e+1 (low nibbles), D2+2e, D2+2e+1 (high)
+    e_ok = e < D2 // 2
 
-    qp = Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt
-    q_ok = row_ok[:, None] & d_ok[None, :]
-    q_lo = tl.load(qp + d[None, :] * sqd, mask=q_ok, other=0.0)
-    q_hi = tl.load(qp + (d + D2)[None, :] * sqd, mask=q_ok, other=0.0)
-    # k = scale·code + zero, so q·k = scale·(q·code) + zero·Σq: the zero leaves the inner product.
-    q_sum = tl.sum(q_lo.to(tl.float32), 1) + tl.sum(q_hi.to(tl.float32), 1)
+    # q split the way the pairs unpack: q0 = dims 2e, q1 = 2e+1, q2 = D2+2e, q3 = D2+2e+1
+    qp = Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt + (2 * e[None, :]) * sqd
+    o_ok = row_ok[:, None] & e_ok[None, :]
+    q0 = tl.load(qp, mask=o_ok, other=0.0)
+    q1 = tl.load(qp + sqd, mask=o_ok, other=0.0)
+    q2 = tl.load(qp + D2 * sqd, mask=o_ok, other=0.0)
+    q3 = tl.load(qp + (D2 + 1) * sqd, mask=o_ok, other=0.0)
+    q_sum = (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1) + tl.sum(q2.to(tl.float32), 1)
+             + tl.sum(q3.to(tl.float32), 1))
     if DOT_F32:
-        # The interpreter's bf16 dot is wrong (bf16 is held as uint16); the same bf16 values in fp32 are not.
-        q_lo = q_lo.to(tl.float32)
-        q_hi = q_hi.to(tl.float32)
+        q0 = q0.to(tl.float32)
+        q1 = q1.to(tl.float32)
+        q2 = q2.to(tl.float32)
+        q3 = q3.to(tl.float32)
 
     kv_end = tl.minimum(tl.max(pos, 0) + 1, L)
     start = pid_s * split_len
     end = tl.minimum(start + split_len, kv_end)
+    # lim: the last slot a row sees in this split. Tiles that end at or before the smallest lim of the
+    # block's real rows are visible to all of them and take the unmasked path.
+    lim = tl.minimum(pos, end - 1)
+    min_lim = tl.min(tl.where(row_ok, lim, L), 0)
+    full_end = start + tl.maximum(min_lim + 1 - start, 0) // BLOCK_N * BLOCK_N
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc_lo = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
-    acc_hi = tl.zeros([BLOCK_M, BLOCK_D2], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)  # Σ_j p_j·zero_j - BIAS·Σ_j (p·scale)_j: V's per-row offset
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
     kbase = KC + b * skb + h * skh
     vbase = VC + b * svb + h * svh
     kmbase = KM + b * skmb + h * skmh
     vmbase = VM + b * svmb + h * svmh
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        kb = tl.load(kbase + n[:, None] * skl + d[None, :] * skd, mask=kv_ok, other=0)
-        k_scale = tl.load(kmbase + n * skml, mask=n_ok, other=0.0).to(tl.float32)
-        k_zero = tl.load(kmbase + n * skml + skmc, mask=n_ok, other=0.0).to(tl.float32)
-        k_lo = (kb & 0x0F).to(tl.float32).to(q_lo.dtype)  # via fp32: the interpreter casts u8 -> bf16 wrongly
-        k_hi = (kb >> 4).to(tl.float32).to(q_lo.dtype)
-        s = tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))
-        s = (s * k_scale[None, :] + q_sum[:, None] * k_zero[None, :]) * qk_scale
-        if HAS_MASK:
-            mp = MASK + b * smb + qh[:, None] * smh + t[:, None] * smt + n[None, :] * sml
-            if MASK_BOOL:  # read as bytes: True = attend
-                keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
-                s = tl.where(keep != 0, s, float("-inf"))
-            else:
-                s += tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
-        s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
+    mrow = MASK + b * smb + qh * smh + t * smt
+    for n0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
+            n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
+            kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, False, HAS_MASK, MASK_BOOL, LAZY, FTZ_EXP)
+    for n0 in range(full_end, end, BLOCK_N):
+        m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
+            n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
+            kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, True, HAS_MASK, MASK_BOOL, LAZY, FTZ_EXP)
 
-        # Online softmax in base 2; a row that has seen only -inf keeps m = -inf and uses 0 as its
-        # reference so no inf - inf appears.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-
-        vb = tl.load(vbase + n[:, None] * svl + d[None, :] * svd, mask=kv_ok, other=0)
-        v_scale = tl.load(vmbase + n * svml, mask=n_ok, other=0.0).to(tl.float32)
-        v_zero = tl.load(vmbase + n * svml + svmc, mask=n_ok, other=0.0).to(tl.float32)
-        # Σ_j p_j (scale_j·code_j + zero_j) = (p·scale) @ codes + Σ_j p_j·zero_j
-        pv = (p * v_scale[None, :]).to(Q.dtype.element_ty).to(q_lo.dtype)
-        p_zero = tl.sum(p * v_zero[None, :], 1)[:, None]
-        acc_lo = acc_lo * alpha[:, None] + tl.dot(pv, (vb & 0x0F).to(tl.float32).to(q_lo.dtype)) + p_zero
-        acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, (vb >> 4).to(tl.float32).to(q_lo.dtype)) + p_zero
-        m_i = m_new
-
-    if NUM_SPLITS == 1:
-        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
-        op = O + b * sob + qh[:, None] * soh + t[:, None] * sot
-        tl.store(op + d[None, :] * sod, (acc_lo * inv[:, None]).to(O.dtype.element_ty), mask=q_ok)
-        tl.store(op + (d + D2)[None, :] * sod, (acc_hi * inv[:, None]).to(O.dtype.element_ty), mask=q_ok)
-    else:
-        # Partials are contiguous [B, Hq, Tq, NUM_SPLITS, 2·D2] (acc) and [..., NUM_SPLITS, 2] (m, l).
-        part = ((b * Hq + qh) * Tq + t) * NUM_SPLITS + pid_s
-        ap = PACC + part[:, None] * (2 * D2)
-        tl.store(ap + d[None, :], acc_lo, mask=q_ok)
-        tl.store(ap + (d + D2)[None, :], acc_hi, mask=q_ok)
+    if PARTIAL:
+        # Partials are contiguous [B, Hq, Tq, num_splits, 2·D2] (acc, in output dim order) and
+        # [..., num_splits, 2] (m, l).
+        part = ((b * Hq + qh) * Tq + t) * num_splits + pid_s
+        ap = PACC + part[:, None] * (2 * D2) + 2 * e[None, :]
+        tl.store(ap, acc0 + c_i[:, None], mask=o_ok)
+        tl.store(ap + 1, acc1 + c_i[:, None], mask=o_ok)
+        tl.store(ap + D2, acc2 + c_i[:, None], mask=o_ok)
+        tl.store(ap + D2 + 1, acc3 + c_i[:, None], mask=o_ok)
         tl.store(PML + part * 2, m_i, mask=row_ok)
         tl.store(PML + part * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
+        op = O + b * sob + qh[:, None] * soh + t[:, None] * sot + (2 * e[None, :]) * sod
+        tl.store(op, ((acc0 + c_i[:, None]) * inv).to(O.dtype.element_ty), mask=o_ok)
+        tl.store(op + sod, ((acc1 + c_i[:, None]) * inv).to(O.dtype.element_ty), mask=o_ok)
+        tl.store(op + D2 * sod, ((acc2 + c_i[:, None]) * inv).to(O.dtype.element_ty), mask=o_ok)
+        tl.store(op + (D2 + 1) * sod, ((acc3 + c_i[:, None]) * inv).to(O.dtype.element_ty), mask=o_ok)
 
 
 @triton.jit
 def _kv4_attention_merge_kernel(
     PACC, PML, O,
     sob, soh, sot, sod,
-    Hq, Tq, D,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    Hq, Tq, D, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b, qh, t) flattened
     b = row // (Hq * Tq)
     qh = (row // Tq) % Hq
     t = row % Tq
     sp = tl.arange(0, BLOCK_S)
-    s_ok = sp < NUM_SPLITS
+    s_ok = sp < num_splits
     d = tl.arange(0, BLOCK_D)
-    m = tl.load(PML + (row * NUM_SPLITS + sp) * 2, mask=s_ok, other=float("-inf"))
-    l = tl.load(PML + (row * NUM_SPLITS + sp) * 2 + 1, mask=s_ok, other=0.0)
-    acc = tl.load(PACC + (row * NUM_SPLITS + sp)[:, None] * D + d[None, :],
-                  mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    base = row.to(tl.int64) * num_splits
+    m = tl.load(PML + (base + sp) * 2, mask=s_ok, other=float("-inf"))
+    l = tl.load(PML + (base + sp) * 2 + 1, mask=s_ok, other=0.0)
+    acc = tl.load(PACC + (base + sp)[:, None] * D + d[None, :], mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
     m_max = tl.max(m, 0)
     m_ref = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_ref)
@@ -199,6 +393,36 @@ def _kv4_attention_merge_kernel(
     tl.store(O + b * sob + qh * soh + t * sot + d * sod, out.to(O.dtype.element_ty), mask=d < D)
 
 
+# ---- configs --------------------------------------------------------------------------------------
+# A config: BLOCK_N (tokens per tile), num_warps, num_stages, and how finely to split the sequence:
+# CTAS_PER_SM (programs to aim for per SM) bounded below by MIN_SPLIT_TILES tiles per split; LAZY:
+# the softmax maximum moves only in steps of 2^8 (fewer rescales of the accumulators). Tuned
+# values per GPU live in lowering/configs/kv4-attention-<gpu>.json (written by
+# benchmarks/bench_attention.py --write-config); these defaults are the rule used elsewhere.
+# "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+DEFAULT_CONFIGS = {
+    "decode": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "CTAS_PER_SM": 8, "MIN_SPLIT_TILES": 2,
+               "LAZY": True},
+    "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "CTAS_PER_SM": 2, "MIN_SPLIT_TILES": 4,
+                "LAZY": True},
+}
+
+
+def config_path(device_name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    return os.path.join(CONFIG_DIR, f"kv4-attention-{slug}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_name: str) -> dict:
+    path = config_path(device_name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f).get("configs", {})
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -206,12 +430,54 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter: a couple of splits, so the merge path is exercised
 
 
+def choose_config(device: torch.device, batch: int, kv_heads: int, rows: int, length: int, **overrides) -> dict:
+    """BLOCK_N, num_splits, num_warps, num_stages for one call (any batch, length, heads, GQA ratio).
+
+    `overrides` (any of those keys, and CTAS_PER_SM / MIN_SPLIT_TILES) replace the table's values.
+    """
+    kind = "decode" if rows <= 16 else "prefill"
+    cfg = dict(DEFAULT_CONFIGS[kind])
+    if device.type == "cuda":
+        cfg.update(_tuned_table(torch.cuda.get_device_name(device)).get(kind, {}))
+    else:
+        cfg.update(BLOCK_N=32, num_warps=4, num_stages=1)  # interpreter: small tiles keep numpy cheap
+    cfg.update({k: v for k, v in overrides.items() if v is not None})
+    block_n = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(length)))
+    tiles = cdiv(length, block_n)
+    programs = batch * kv_heads * cdiv(rows, 16 if rows <= 16 else 64)
+    # Flash-decoding: split the sequence until ~CTAS_PER_SM programs per SM are in flight (latency
+    # hiding of a memory-bound loop), but keep each split at least MIN_SPLIT_TILES tiles long so the
+    # partial results (written and merged in fp32) stay small next to the cache bytes.
+    want = cdiv(cfg["CTAS_PER_SM"] * _num_sms(device), programs)
+    splits = max(1, min(want, tiles // cfg["MIN_SPLIT_TILES"], 256))
+    if cfg.get("num_splits") is not None:
+        splits = cfg["num_splits"]
+    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "LAZY": bool(cfg["LAZY"])}
+
+
+def _wide_view(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The last axis of x read as `dtype` words (fp16 meta pairs -> int32, V byte pairs -> int16);
+    a layout that cannot be viewed that way (odd strides or offset) is copied first."""
+    k = dtype.itemsize // x.element_size()
+    if x.stride(-1) != 1 or x.storage_offset() % k or any(st % k for st in x.stride()[:-1]):
+        x = x.contiguous()
+    return x.view(dtype)
+
+
+def triton_supports(head_dim: int) -> bool:
+    """The kernel reads K and V as byte pairs: head_dim must be a multiple of 4 (every LLM's is)."""
+    return head_dim % 4 == 0
+
+
 def kv4_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor, v_cache: torch.Tensor, v_meta: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    num_splits: int | None = None, block_n: int = 64,
+    num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, use_asm: bool | None = None, tuning: dict | None = None,
 ) -> torch.Tensor:
-    """Launch the Triton kernels; `num_splits` (default: enough programs to fill the GPU) for tests."""
+    """Launch the Triton kernels. The keyword knobs override the chosen config (tests, the sweep);
+    `tuning` may hold CTAS_PER_SM / MIN_SPLIT_TILES for the split rule."""
     b, hq, tq, d = q.shape
     hkv, length, d2 = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
@@ -221,19 +487,33 @@ def kv4_attention_triton(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the fake says
     if length == 0 or tq == 0:
         return out.zero_()
+    if not triton_supports(d):
+        raise ValueError(f"kv4_attention: the Triton kernel needs head_dim % 4 == 0, got {d}; "
+                         "use kernels='reference' for this model")
     pos = cache_position.to(device=q.device, dtype=torch.int64).contiguous()
+    k_pairs = _wide_view(k_cache, torch.int16)
+    v_pairs = _wide_view(v_cache, torch.int16)
+    k_words = _wide_view(k_meta, torch.int32).squeeze(-1)
+    v_words = _wide_view(v_meta, torch.int32).squeeze(-1)
 
     rows = g * tq
+    cfg = choose_config(q.device, b, hkv, rows, length, BLOCK_N=block_n, num_splits=num_splits,
+                        num_warps=num_warps, num_stages=num_stages, **(tuning or {}))
+    block_n = cfg["BLOCK_N"]
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)  # tl.dot needs M >= 16
-    block_d2 = max(16, triton.next_power_of_2(d2))
+    block_d2 = max(32, triton.next_power_of_2(d2))  # the pair axis (half of it) is a dot dimension: >= 16
     row_blocks = cdiv(rows, block_m)
     tiles = cdiv(length, block_n)
-    if num_splits is None:
-        # Flash-decoding: split the sequence until there are ~2 programs per SM; prefill has enough rows.
-        num_splits = max(1, min(tiles, cdiv(2 * _num_sms(q.device), b * hkv * row_blocks), 128))
-    num_splits = max(1, min(num_splits, tiles))
-    split_len = cdiv(tiles, num_splits) * block_n
-    num_splits = cdiv(length, split_len)
+    splits = max(1, min(cfg["num_splits"], tiles))
+    split_len = cdiv(tiles, splits) * block_n
+    splits = cdiv(length, split_len)
+
+    code = {torch.bfloat16: CODE_BF16, torch.float16: CODE_F16, torch.float32: CODE_F32}[q.dtype]
+    if use_asm is None:
+        use_asm = q.is_cuda
+    use_asm = use_asm and code != CODE_F32
+    if use_asm and not q.is_cuda:
+        raise RuntimeError("kv4_attention: use_asm=True needs a CUDA GPU (the interpreter runs the pure-Triton unpack)")
 
     mask_bool = attn_mask is not None and attn_mask.dtype == torch.bool
     if attn_mask is not None:
@@ -247,26 +527,25 @@ def kv4_attention_triton(
     else:
         mask_strides = (0, 0, 0, 0)
 
-    if num_splits > 1:
-        pacc = torch.empty(b, hq, tq, num_splits, d, dtype=torch.float32, device=q.device)
-        pml = torch.empty(b, hq, tq, num_splits, 2, dtype=torch.float32, device=q.device)
+    if splits > 1:
+        pacc = torch.empty(b, hq, tq, splits, d, dtype=torch.float32, device=q.device)
+        pml = torch.empty(b, hq, tq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         pacc = pml = out  # unused
-    _kv4_attention_kernel[(b * hkv, num_splits, row_blocks)](
-        q, k_cache, k_meta, v_cache, v_meta, pos, attn_mask if attn_mask is not None else q, out, pacc, pml,
-        *q.stride(), *k_cache.stride(), *k_meta.stride(), *v_cache.stride(), *v_meta.stride(),
+    _kv4_attention_kernel[(b * hkv, splits, row_blocks)](
+        q, k_pairs, k_words, v_pairs, v_words, pos, attn_mask if attn_mask is not None else q, out, pacc, pml,
+        *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
         *mask_strides, *out.stride(),
-        hkv, hq, tq, length, d2, split_len, scale * _LOG2E,
+        hkv, hq, tq, length, d2, split_len, splits, scale * _LOG2E,
         G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2,
-        NUM_SPLITS=num_splits, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool,
-        DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
-        num_warps=4,
+        PARTIAL=splits > 1, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool, CODE=code,
+        BIAS=_CODE_BIAS[code], DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, USE_ASM=use_asm,
+        EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if num_splits > 1:
+    if splits > 1:
         _kv4_attention_merge_kernel[(b * hq * tq,)](
-            pacc, pml, out, *out.stride(), hq, tq, d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d),
+            pacc, pml, out, *out.stride(), hq, tq, d, splits,
+            BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d),
         )
     return out
 
@@ -285,8 +564,16 @@ def kv4_attention(
     """
     _check(q, k_cache, k_meta, v_cache, v_meta, cache_position)
     if use_triton(q, kernels):
-        return kv4_attention_triton(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale)
+        if kernels == "triton" or triton_supports(q.shape[-1]):
+            return kv4_attention_triton(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale)
+        _warn_reference(q.shape[-1])
     return kv4_attention_reference(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_reference(head_dim: int) -> None:
+    warnings.warn(f"kv4_attention: head_dim {head_dim} is not a multiple of 4, which the Triton kernel needs; "
+                  "this attention runs the torch reference (correct, slower)", stacklevel=3)
 
 
 @kv4_attention.register_fake

@@ -37,9 +37,10 @@ def _tol(dtype):
     d=st.sampled_from([16, 32, 48, 64]), length=st.integers(1, 150), tq=st.integers(1, 9),
     start_frac=st.floats(0, 1), splits=st.sampled_from([None, 1, 2, 3, 7]), block_n=st.sampled_from([16, 32]),
     mask_kind=st.sampled_from([None, "bool", "float", "bool-b1"]), dtype=st.sampled_from(
-        [torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16),
+        [torch.float32, torch.float16, torch.bfloat16]), lazy=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, splits, block_n, mask_kind, dtype, seed):
+def test_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, splits, block_n, mask_kind, dtype, lazy,
+                                  seed):
     g = torch.Generator().manual_seed(seed)
     tq = min(tq, length)
     start = int(start_frac * (length - tq))  # tq queries at start..start+tq-1: decode, prefill or a later chunk
@@ -55,9 +56,62 @@ def test_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, spli
         mask = (torch.randn(1, hkv * group, tq, length, generator=g) * 2).to(DEVICE)
     scale = None if seed % 2 else 0.3
     ref = kv4_attention_reference(q, *caches, pos, mask, scale)
-    tri = kv4_attention_triton(q, *caches, pos, mask, scale, num_splits=splits, block_n=block_n)
+    tri = kv4_attention_triton(q, *caches, pos, mask, scale, num_splits=splits, block_n=block_n,
+                               tuning={"LAZY": lazy})
     assert tri.dtype == dtype and tri.shape == q.shape
     torch.testing.assert_close(tri.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@given(length=st.integers(1, 200), seed=st.integers(0, 2**16), spread=st.sampled_from([1.0, 30.0]))
+def test_lazy_max_with_growing_scores(length, seed, spread):
+    """Scores that keep rising along the sequence (each tile beats the last by more than 2^8 in base 2)
+    force the lazy maximum to rescale repeatedly; the result must still be the reference's."""
+    g = torch.Generator().manual_seed(seed)
+    b, hkv, group, d = 1, 1, 4, 32
+    caches = [*kv4_alloc(b, hkv, length, d, DEVICE), *kv4_alloc(b, hkv, length, d, DEVICE)]
+    ramp = torch.linspace(0, spread, length)[:, None]  # K grows along the sequence: q·k grows too
+    k = (torch.randn(b, hkv, length, d, generator=g) * 0.1 + ramp).to(DEVICE)
+    v = torch.randn(b, hkv, length, d, generator=g).to(DEVICE)
+    kv4_append(k, v, *caches, torch.arange(length, device=DEVICE), kernels="reference")
+    q = (torch.rand(b, hkv * group, 1, d, generator=g) + 0.5).to(DEVICE)
+    pos = torch.tensor([length - 1], device=DEVICE)
+    ref = kv4_attention_reference(q, *caches, pos)
+    for lazy in (True, False):
+        tri = kv4_attention_triton(q, *caches, pos, block_n=16, tuning={"LAZY": lazy})
+        torch.testing.assert_close(tri, ref, atol=_tol(torch.float32), rtol=_tol(torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_asm_unpack_is_bit_identical_to_pure_triton(dtype):
+    """The inline-PTX unpack (PRMT/LOP3) and the pure-Triton unpack give the same output bits."""
+    g = torch.Generator().manual_seed(5)
+    caches, _, _ = _filled_cache(3, 2, 777, 128, 700, g, dtype)
+    q = torch.randn(3, 8, 1, 128, generator=g).to(dtype).to(DEVICE)
+    pos = torch.tensor([699], device=DEVICE)
+    for splits in (1, 5):
+        a = kv4_attention_triton(q, *caches, pos, num_splits=splits, use_asm=True)
+        p = kv4_attention_triton(q, *caches, pos, num_splits=splits, use_asm=False)
+        assert torch.equal(a, p)
+        ref = kv4_attention_reference(q, *caches, pos)
+        torch.testing.assert_close(a.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("warps,block_n,stages,lazy", [(1, 64, 2, True), (2, 128, 3, False), (4, 128, 2, True),
+                                                     (8, 256, 2, True)])
+@pytest.mark.parametrize("b,length,group", [(2, 5000, 4), (5, 333, 8)])
+def test_gpu_configs_match_reference(warps, block_n, stages, lazy, b, length, group):
+    """Config families the sweep may pick, at lengths that are not a multiple of the tile."""
+    g = torch.Generator().manual_seed(b * length)
+    caches, _, _ = _filled_cache(b, 2, length, 128, length, g, torch.bfloat16)
+    q = torch.randn(b, 2 * group, 1, 128, generator=g).to(torch.bfloat16).to(DEVICE)
+    pos = torch.tensor([length - 1], device=DEVICE)
+    ref = kv4_attention_reference(q, *caches, pos)
+    for splits in (None, 1):
+        out = kv4_attention_triton(q, *caches, pos, num_splits=splits, num_warps=warps, block_n=block_n,
+                                   num_stages=stages, tuning={"LAZY": lazy})
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_op_dispatch_and_strided_q():
@@ -157,3 +211,18 @@ def test_rejects_bad_shapes():
         kv4_attention(torch.randn(1, 4, 1, 16), *caches, torch.tensor([0]))
     with pytest.raises(ValueError, match="cache_position"):
         kv4_attention(torch.randn(1, 3, 2, 16), *caches, torch.tensor([0]))
+
+
+def test_head_dim_not_multiple_of_4():
+    """The kernel reads V as byte pairs: head_dim 6 is refused by kernels='triton' with the fix named,
+    and kernels='auto' runs the reference with a warning (not silently)."""
+    g = torch.Generator().manual_seed(4)
+    caches, _, _ = _filled_cache(1, 1, 10, 6, 10, g)
+    q = torch.randn(1, 2, 1, 6, generator=g).to(DEVICE)
+    pos = torch.tensor([9], device=DEVICE)
+    with pytest.raises(ValueError, match="kernels='reference'"):
+        kv4_attention(q, *caches, pos, kernels="triton")
+    ref = kv4_attention(q, *caches, pos, kernels="reference")
+    with pytest.warns(UserWarning, match="not a multiple of 4"):
+        out = kv4_attention(q, *caches, pos, kernels="auto")
+    torch.testing.assert_close(out, ref)
