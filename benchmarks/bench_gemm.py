@@ -83,11 +83,16 @@ def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8, vec=False):
                 SWAP=swap, UNROLL=unroll, VEC=vec, GEMV=False)
 
 
-def _g(bm, bn, unroll, nw, prefetch=True):
+def _g(bm, bn, unroll, nw, prefetch=True, pdl=False):
     # The CUDA-core GEMV kernel: bn weight rows x unroll 128-wide K chunks per iteration; num_stages
     # 2 = the next tile's loads issued before this one is computed (register double buffer).
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SPLIT_K=1, num_warps=nw, num_stages=2 if prefetch else 1,
-                SWAP=False, UNROLL=unroll, VEC=False, GEMV=True)
+                SWAP=False, UNROLL=unroll, VEC=False, GEMV=True, PDL=pdl)
+
+
+def _pdl(cfgs):
+    # The same configs launched as programmatic dependents (weight loads overlap the previous kernel).
+    return [dict(c, PDL=True) for c in cfgs]
 
 
 def _gemv_space(bm):
@@ -105,12 +110,24 @@ _SMALL = [
     # No software pipeline: plain loads into registers, as the GEMV kernel does, many small CTAs.
     _c(16, 32, 4, 1, 4, gm=1), _c(16, 16, 4, 1, 4, gm=1), _c(16, 64, 4, 1, 2, gm=1), _c(16, 32, 4, 2, 4, gm=1),
 ]
+# The small-M winners of run v5, for their PDL variants.
+_SMALL_BEST = [_c(16, 32, 4, 3, 4), _c(16, 32, 4, 4, 4), _c(16, 16, 2, 4, 4), _c(16, 64, 4, 4, 2, swap=True),
+               _c(16, 64, 4, 3, 4, split=4), _c(16, 32, 4, 3, 4, split=4), _c(16, 32, 4, 2, 4)]
+
+
+def _gemv_best(bm):
+    return [_g(bm, 2, 16, 2), _g(bm, 4, 16, 4), _g(bm, 4, 8, 2), _g(bm, 4, 8, 4), _g(bm, 8, 16, 4), _g(bm, 16, 4, 4),
+            _g(bm, 8, 8, 4)]
+
+
 CANDIDATES = {
-    "1": _gemv_space(1) + _SMALL,
-    "2": _gemv_space(2) + _SMALL,
-    "4": _gemv_space(4) + _SMALL,
-    "8": _gemv_space(8) + _SMALL,
-    "16": _gemv_space(16) + _SMALL,
+    "1": _gemv_space(1) + _pdl(_gemv_best(1)) + _SMALL + _pdl(_SMALL_BEST),
+    "2": _gemv_space(2) + _pdl(_gemv_best(2)) + _SMALL + _pdl(_SMALL_BEST),
+    "4": _gemv_space(4) + _pdl(_gemv_best(4)) + _SMALL + _pdl(_SMALL_BEST),
+    # Past four tokens the GEMV kernel's per-token work outgrows the weight stream (run v5: 1.5-4x
+    # slower than the tensor-core kernel at M = 8 and 16); two of its configs stay as the check.
+    "8": [_g(8, 4, 8, 4), _g(8, 8, 16, 4)] + _SMALL + _pdl(_SMALL_BEST),
+    "16": [_g(16, 4, 16, 4)] + _SMALL + _pdl(_SMALL_BEST),
     "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4, 2, vec=True), _c(64, 64, 4, 4, swap=True),
            _c(64, 64, 4, 3, 2, swap=True), _c(32, 64, 4, 3, 2, split=2), _c(64, 128, 4, 4, swap=True),
            _c(64, 64, 4, 4, swap=True, vec=True)],
@@ -325,10 +342,18 @@ def run(args) -> list[dict]:
                     cfg = dict(zip(wg.CONFIG_KEYS, wg.choose_config(bucket, N, K, fmt == "g128", 0, min(M, 4096))))
                 row[f"qoq_{fmt}"] = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
                 row[f"qoq_{fmt}_cfg"] = cfg
-                c0 = copies[0]
                 row[f"qoq_{fmt}_with_act_quant"] = gtime([lambda c=c: wg.w4a8_gemm_triton(
                     *quantize_act_int8(x, "triton"), c[0], c[1], c[2], c[3], None, torch.bfloat16, config=cfg)
                     for c in copies], n_calls, reps)
+                if cfg.get("PDL"):
+                    # Back to back, a PDL kernel overlaps its own previous call; after the activation
+                    # quantization (a plain kernel, as in a decode step) only its launch overlaps.
+                    # Both, and the same config without PDL, so the gain is visible apart.
+                    plain = dict(cfg, PDL=False)
+                    row[f"qoq_{fmt}_nopdl"] = gtime(_ours(x8, xs, xsum, copies, plain), n_calls, reps)
+                    row[f"qoq_{fmt}_with_act_quant_nopdl"] = gtime([lambda c=c: wg.w4a8_gemm_triton(
+                        *quantize_act_int8(x, "triton"), c[0], c[1], c[2], c[3], None, torch.bfloat16, config=plain)
+                        for c in copies], n_calls, reps)
             wbytes = N * K / 2 + N * K / 64 + M * K + M * N * 2  # packed weights, g128 scales, x8, y
             row["roofline_mem_ms"] = wbytes / (bw * 1e12) * 1e3
             row["roofline_int8_ms"] = 2 * M * N * K / 1030e12 * 1e3  # the plain Triton int8 GEMM peak (anchor)
@@ -371,8 +396,10 @@ def write_configs(path: str, tuned: dict, sweep: list, meta: dict) -> None:
             configs.setdefault(key, {}).setdefault(shape, {}).update(per_bucket)
         defaults.setdefault(key, {}).update(default[key])
     sources = old.get("sources", [old["source"]] if "source" in old else [])
-    sources.append(f"bench_gemm.py --sweep, {meta['date']}, buckets "
-                   + ",".join(sorted({wg.m_bucket(r['M']) for r in sweep}, key=lambda b: (len(b), b))))
+    line = (f"bench_gemm.py --sweep, {meta['date']}, buckets "
+            + ",".join(sorted({wg.m_bucket(r['M']) for r in sweep}, key=lambda b: (len(b), b))))
+    if not sources or sources[-1] != line:  # dump() rewrites the file after every shape
+        sources.append(line)
     with open(path, "w") as f:
         json.dump({"device": meta["device"], "date": meta["date"], "triton": meta["triton"],
                    "layout": wg.PACK_LAYOUT, "configs": configs, "default": defaults, "sources": sources}, f, indent=1)

@@ -24,6 +24,14 @@ import triton.language as tl
 
 from lowering.dispatch import cdiv, interpreter_enabled, use_triton
 
+try:  # programmatic dependent launch (Hopper+); Triton builds without it never get PDL configs
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    PDL_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the Triton build
+    gdc_launch_dependents = gdc_wait = None
+    PDL_AVAILABLE = False
+
 K_PAD = 128  # packed K is a multiple of this: the kernel's K tile, two 64-wide halves
 HALF = 64
 # Saved artifacts hold packed bytes: whoever stores them should record this and refuse a mismatch.
@@ -251,7 +259,11 @@ def _w4a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     SWAP: tl.constexpr,  # weights as the MMA's A operand
     UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent: only the launch overlaps here
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     # Grouped tile order so consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -484,7 +496,12 @@ def _w4a8_gemv_kernel(
     ROWS: tl.constexpr,  # min(BLOCK_M, M): the static token loop skips rows that cannot exist
     EVEN_K: tl.constexpr,  # K % 128 == 0
     PREFETCH: tl.constexpr,  # load the next K tile before computing this one
+    USE_PDL: tl.constexpr,  # launched as a programmatic dependent (see w4a8_gemm_triton)
 ):
+    if USE_PDL:
+        # The next kernel may launch once every program here has started: its own weight loads
+        # then overlap this kernel's tail.
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid_m = pid // num_pid_n
@@ -503,13 +520,21 @@ def _w4a8_gemv_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     # [rows, tokens]: the token loop's per-row sums land in it without a layout change.
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    # One token (decode at batch 1): dp4a accumulates straight into a tile-shaped accumulator and
-    # the cross-lane reduction happens once, after the loop, instead of every iteration.
+    # Up to four tokens: dp4a accumulates straight into one tile-shaped accumulator per token and
+    # the cross-lane reduction happens once, after the loop, instead of every iteration (the
+    # unused ones are dead code). More tokens reduce per iteration into `acc`.
+    acc0 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc2 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc3 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     n_chunks = tl.cdiv(K4, 32)
     if PREFETCH:
         w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, 0, ch, n_chunks,
                                                                GROUP_SIZE, PROGRESSIVE)
+    if USE_PDL:
+        # Everything before this reads weights only; the activations (and the output buffer,
+        # which the previous kernel may still be reading) wait until that kernel has finished.
+        gdc_wait()
     for c0 in range(0, n_chunks, UNROLL):
         c = c0 + ch  # [UNROLL] chunk indices
         c_ok = c < n_chunks
@@ -542,14 +567,27 @@ def _w4a8_gemv_kernel(
             else:
                 xa = tl.load(x_row + xk_lo, mask=xk_lo < K4, other=0)
                 xb = tl.load(x_row + xk_hi, mask=xk_hi < K4, other=0)
-            if ROWS == 1:
-                acc1 = _dp4a(lo, xa, _dp4a(hi, xb, acc1, USE_ASM), USE_ASM)
+            if ROWS <= 4:
+                if m == 0:
+                    acc0 = _dp4a(lo, xa, _dp4a(hi, xb, acc0, USE_ASM), USE_ASM)
+                elif m == 1:
+                    acc1 = _dp4a(lo, xa, _dp4a(hi, xb, acc1, USE_ASM), USE_ASM)
+                elif m == 2:
+                    acc2 = _dp4a(lo, xa, _dp4a(hi, xb, acc2, USE_ASM), USE_ASM)
+                else:
+                    acc3 = _dp4a(lo, xa, _dp4a(hi, xb, acc3, USE_ASM), USE_ASM)
             else:
                 d = _dp4a(lo, xa, _dp4a(hi, xb, 0, USE_ASM), USE_ASM)
                 part = tl.sum(tl.sum(d, axis=2), axis=1)  # [BLOCK_N]
                 acc += tl.where(m_idx[None, :] == m, part[:, None], 0)
-    if ROWS == 1:
-        acc += tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None]
+    if ROWS <= 4:
+        acc += tl.where(m_idx[None, :] == 0, tl.sum(tl.sum(acc0, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 2:
+            acc += tl.where(m_idx[None, :] == 1, tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 3:
+            acc += tl.where(m_idx[None, :] == 2, tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 4:
+            acc += tl.where(m_idx[None, :] == 3, tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None], 0)
 
     offs_m = pid_m * BLOCK_M + m_idx
     mask_m = offs_m < M
@@ -573,8 +611,10 @@ def _w4a8_gemv_kernel(
 # num_warps, num_stages apply to it). Tuned ones live as JSON per GPU in lowering/configs/ (written by
 # benchmarks/bench_gemm.py --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
 M_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC", "GEMV")
-CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False)
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC", "GEMV",
+               "PDL")
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False)
+_GEMV = CONFIG_KEYS.index("GEMV")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GEMV_MAX_M = 4  # untuned GPUs: the GEMV kernel up to this M (its CUDA-core work grows with M; H100 sweep)
 
@@ -637,8 +677,8 @@ def _interpreter_config(M: int) -> tuple:
     # Interpreter: few large programs run fastest (numpy does the work per program). Small M takes
     # the GEMV kernel, as it does on the GPU, so the M dispatch runs under the interpreter too.
     if M <= 4:
-        return (triton.next_power_of_2(M), 32, 1, 1, 4, 1, False, 4, False, True)
-    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False)
+        return (triton.next_power_of_2(M), 32, 1, 1, 4, 1, False, 4, False, True, False)
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False, False)
 
 
 def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[torch.Tensor]) -> bool:
@@ -656,7 +696,7 @@ def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[tor
     return True
 
 
-def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm):
+def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm, pdl=False):
     M, K = x8.shape
     N = qweight.shape[0]
     if x8.stride(0) % 4 or x8.storage_offset() % 4:
@@ -672,8 +712,8 @@ def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, 
         x8.stride(0) // 4, qweight.stride(0) // 4, gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD, PROGRESSIVE=progressive,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, BLOCK_M=bm, BLOCK_N=bn, UNROLL=unroll, ROWS=min(bm, M),
-        EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2,
-        num_warps=nw, num_stages=1,
+        EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2, USE_PDL=pdl,
+        num_warps=nw, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
@@ -703,17 +743,21 @@ def w4a8_gemm_triton(
         cfg = choose_config(m_bucket(M), N, K, progressive, x8.device.index or 0, min(M, 4096))
     else:
         cfg = _interpreter_config(M)
-    if cfg[-1] and not gemv_supported(x8, qweight, gscale):
+    if cfg[_GEMV] and not gemv_supported(x8, qweight, gscale):
         # A GEMV config for operands it cannot read (K not a multiple of 4, groups of 32, ...):
         # the tensor-core kernel with its untuned small-M tiles.
         cfg = tuple(heuristic_config(M, N, K, gemv=False).get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
-    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv = cfg
+    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv, pdl = cfg
     if use_asm is None:
         use_asm = on_gpu
+    # PDL: launched as a programmatic dependent of the kernel before it, the kernel starts during
+    # that kernel's tail, issues its first weight loads (weights are constants) and only then
+    # waits for the activations. Interpreter and Triton builds without it: a plain launch.
+    pdl = bool(pdl) and on_gpu and PDL_AVAILABLE
     if gemv and M > 0:
         y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
         return _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns,
-                            use_asm).reshape(*lead, N)
+                            use_asm, pdl).reshape(*lead, N)
     if split > 1:
         y = torch.zeros((M, N), dtype=torch.float32, device=x8.device)
     else:
@@ -734,7 +778,7 @@ def w4a8_gemm_triton(
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
         EVEN_K=K % K_PAD == 0, WORD_SCALES_OK=word_ok, VEC_SCALES=bool(word_ok and vec), BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
-        num_warps=nw, num_stages=ns,
+        USE_PDL=pdl, num_warps=nw, num_stages=ns, **({"launch_pdl": True} if pdl else {}),
     )
     return (y.to(out_dtype) if split > 1 else y).reshape(*lead, N)
 

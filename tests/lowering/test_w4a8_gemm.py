@@ -82,6 +82,9 @@ VARIANTS = [
     dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, UNROLL=4),
     dict(GEMV=True, BLOCK_M=4, BLOCK_N=16, UNROLL=2, num_stages=2),
     dict(GEMV=True, BLOCK_M=8, BLOCK_N=4, UNROLL=16, num_stages=2),
+    # Launched as programmatic dependents (GPU only; the interpreter launches them plainly).
+    dict(GEMV=True, BLOCK_M=2, BLOCK_N=8, UNROLL=4, num_stages=2, PDL=True),
+    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, UNROLL=2, PDL=True),
 ]
 
 
@@ -147,6 +150,7 @@ def test_gemv_reads_strided_activation_rows(device):
 @pytest.mark.parametrize("cfg", [None, *VARIANTS, dict(BLOCK_M=256, BLOCK_N=128, num_warps=8, num_stages=3),
                                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, SWAP=True, UNROLL=2)],
                          ids=lambda c: "default" if c is None else ("gemv-" if c.get("GEMV") else "mma-")
+                         + ("pdl-" if c.get("PDL") else "")
                          + "-".join(f"{k}{v}" for k, v in c.items() if k != "GEMV"))
 def test_inline_asm_unpack_gives_the_same_bits_as_pure_triton(fmt, cfg):
     qw, x8, _ = _random_case(77, 300, 1024, fmt, 128, 3, "cuda")
