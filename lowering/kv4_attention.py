@@ -72,13 +72,16 @@ def kv4_attention_reference(
 
 # ---- the kernels ----------------------------------------------------------------------------------
 # Codes reach the tensor cores as 16-bit floats made without a conversion instruction: OR-ing a code
-# c in [0, 15] into the low mantissa bits of BIAS gives the float BIAS + c exactly (bf16 keeps 7
-# mantissa bits: BIAS = 128 = 0x4300; fp16 keeps 10: BIAS = 1024 = 0x6400). The dots run on BIAS + c
-# and each tile subtracts BIAS·Σq (K) and BIAS·Σp (V) in fp32, which is exact algebra. Converting
-# each code with int -> float instructions (I2F runs at a quarter of the integer rate on Hopper) was
-# what held the first kernel to 12-30% of the bandwidth floor.
+# c in [0, 15] into the mantissa of BIAS, where one step of the field is worth 1, gives the float
+# BIAS + c exactly: bf16 (7 mantissa bits) takes c in bits 0-3 of 128 = 0x4300; fp16 (10 bits) takes
+# c in bits 4-7 of 64 = 0x5400 (64·(1 + 16c/1024) = 64 + c), where a byte's high nibble already lies,
+# and a small BIAS keeps the fp32 accumulators' precision (the first fp16 version used 1024 + c in
+# bits 0-3: its P·V sums lost 10 bits and missed the fp16 tolerance). The dots run on BIAS + c and
+# each tile subtracts BIAS·Σq (K) and BIAS·Σp (V) in fp32, which is exact algebra. Converting each
+# code with int -> float instructions (I2F runs at a quarter of the integer rate on Hopper) was what
+# held the first kernel to 12-30% of the bandwidth floor.
 CODE_F32, CODE_BF16, CODE_F16 = 0, 1, 2
-_CODE_BIAS = {CODE_F32: 0.0, CODE_BF16: 128.0, CODE_F16: 1024.0}
+_CODE_BIAS = {CODE_F32: 0.0, CODE_BF16: 128.0, CODE_F16: 64.0}
 
 # K and V are read as 16-bit pairs of bytes: pair i of a token holds dims 2i, 2i+1 (low nibbles) and
 # D/2+2i, D/2+2i+1 (high). The P·V dot sums over tokens, so its operand wants consecutive tokens in a
@@ -102,7 +105,20 @@ lop3.b32 $3, u1, 0x000F000F, {magic}, 0xEA;
 }}
 """
 _UNPACK_PAIRS_ASM_BF16 = tl.constexpr(_UNPACK_PAIRS_ASM.format(magic="0x43004300"))
-_UNPACK_PAIRS_ASM_F16 = tl.constexpr(_UNPACK_PAIRS_ASM.format(magic="0x64006400"))
+# fp16: codes go to bits 4-7 of each lane, so the low nibbles shift up by 4 and the high ones stay.
+_UNPACK_PAIRS_ASM_F16 = tl.constexpr("""
+{
+.reg .b32 t0, t1, u0, u1;
+prmt.b32 t0, $4, 0, 0x4240;
+prmt.b32 t1, $4, 0, 0x4341;
+shl.b32 u0, t0, 4;
+shl.b32 u1, t1, 4;
+lop3.b32 $0, u0, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 $1, u1, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 $2, t0, 0x00F000F0, 0x54005400, 0xEA;
+lop3.b32 $3, t1, 0x00F000F0, 0x54005400, 0xEA;
+}
+""")
 
 
 @triton.jit
@@ -113,7 +129,7 @@ def _code_bits(c, CODE: tl.constexpr):
     elif CODE == 1:
         return (c.to(tl.int32) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        return (c.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return ((c.to(tl.int32) << 4) | 0x5400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -394,18 +410,23 @@ def _kv4_attention_merge_kernel(
 
 
 # ---- configs --------------------------------------------------------------------------------------
-# A config: BLOCK_N (tokens per tile), num_warps, num_stages, and how finely to split the sequence:
-# CTAS_PER_SM (programs to aim for per SM) bounded below by MIN_SPLIT_TILES tiles per split; LAZY:
-# the softmax maximum moves only in steps of 2^8 (fewer rescales of the accumulators). Tuned
-# values per GPU live in lowering/configs/kv4-attention-<gpu>.json (written by
-# benchmarks/bench_attention.py --write-config); these defaults are the rule used elsewhere.
+# A config: BLOCK_N (tokens per tile), num_warps, num_stages, LAZY (the softmax maximum moves only in
+# steps of 2^8, so the accumulators are rarely rescaled), and the split rule's two numbers:
+# CTAS_PER_SM, how many programs of the config an SM holds at once (set by its registers: the
+# 1-warp, 64-token kernel takes 255 registers a thread, so 65536 / (255·32) -> 8), and MIN_SPLIT_LEN,
+# the shortest split in tokens worth its partial results. Decode splits the sequence until the
+# (batch, KV head) programs fill ONE wave of CTAS_PER_SM·SMs resident programs and no more: on the
+# H100 sweep a split count that spilled a few programs into a second wave (16×8192 at 9 splits:
+# 1152 programs for 1056 slots) ran 8-20% slower than one that filled exactly one wave.
+# Tuned values per GPU live in lowering/configs/kv4-attention-<gpu>.json (benchmarks/bench_attention.py
+# --sweep --write-config); DEFAULT_CONFIGS hold the H100 winners for GPUs without a table.
 # "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIGS = {
-    "decode": {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "CTAS_PER_SM": 8, "MIN_SPLIT_TILES": 2,
-               "LAZY": True},
-    "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "CTAS_PER_SM": 2, "MIN_SPLIT_TILES": 4,
-                "LAZY": True},
+    "decode": {"BLOCK_N": 64, "num_warps": 1, "num_stages": 2, "LAZY": True, "CTAS_PER_SM": 8,
+               "MIN_SPLIT_LEN": 512},
+    "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "LAZY": True, "CTAS_PER_SM": 2,
+                "MIN_SPLIT_LEN": 256},
 }
 
 
@@ -430,26 +451,28 @@ def _num_sms(device: torch.device) -> int:
     return 2  # the interpreter: a couple of splits, so the merge path is exercised
 
 
-def choose_config(device: torch.device, batch: int, kv_heads: int, rows: int, length: int, **overrides) -> dict:
-    """BLOCK_N, num_splits, num_warps, num_stages for one call (any batch, length, heads, GQA ratio).
+def _block_m(rows: int) -> int:
+    return 16 if rows <= 16 else (32 if rows <= 32 else 64)  # tl.dot needs M >= 16
 
-    `overrides` (any of those keys, and CTAS_PER_SM / MIN_SPLIT_TILES) replace the table's values.
+
+def choose_config(device: torch.device, batch: int, kv_heads: int, rows: int, length: int, **overrides) -> dict:
+    """BLOCK_N, num_splits, num_warps, num_stages, LAZY for one call (any batch, length, heads, GQA ratio).
+
+    `overrides` (any of those keys, and CTAS_PER_SM / MIN_SPLIT_LEN) replace the table's values.
     """
     kind = "decode" if rows <= 16 else "prefill"
     cfg = dict(DEFAULT_CONFIGS[kind])
     if device.type == "cuda":
         cfg.update(_tuned_table(torch.cuda.get_device_name(device)).get(kind, {}))
-    else:
-        cfg.update(BLOCK_N=32, num_warps=4, num_stages=1)  # interpreter: small tiles keep numpy cheap
+    else:  # interpreter: small tiles keep numpy cheap, short splits exercise the merge
+        cfg.update(BLOCK_N=32, num_warps=4, num_stages=1, MIN_SPLIT_LEN=32)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     block_n = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(length)))
     tiles = cdiv(length, block_n)
-    programs = batch * kv_heads * cdiv(rows, 16 if rows <= 16 else 64)
-    # Flash-decoding: split the sequence until ~CTAS_PER_SM programs per SM are in flight (latency
-    # hiding of a memory-bound loop), but keep each split at least MIN_SPLIT_TILES tiles long so the
-    # partial results (written and merged in fp32) stay small next to the cache bytes.
-    want = cdiv(cfg["CTAS_PER_SM"] * _num_sms(device), programs)
-    splits = max(1, min(want, tiles // cfg["MIN_SPLIT_TILES"], 256))
+    programs = batch * kv_heads * cdiv(rows, _block_m(rows))
+    # one wave of resident programs, floor not ceil: a partial second wave is a tail
+    splits = max(1, min(cfg["CTAS_PER_SM"] * _num_sms(device) // programs,
+                        tiles // max(1, cdiv(cfg["MIN_SPLIT_LEN"], block_n)), 256))
     if cfg.get("num_splits") is not None:
         splits = cfg["num_splits"]
     return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
@@ -477,7 +500,7 @@ def kv4_attention_triton(
     num_stages: int | None = None, use_asm: bool | None = None, tuning: dict | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels. The keyword knobs override the chosen config (tests, the sweep);
-    `tuning` may hold CTAS_PER_SM / MIN_SPLIT_TILES for the split rule."""
+    `tuning` may hold LAZY and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN."""
     b, hq, tq, d = q.shape
     hkv, length, d2 = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
@@ -500,7 +523,7 @@ def kv4_attention_triton(
     cfg = choose_config(q.device, b, hkv, rows, length, BLOCK_N=block_n, num_splits=num_splits,
                         num_warps=num_warps, num_stages=num_stages, **(tuning or {}))
     block_n = cfg["BLOCK_N"]
-    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)  # tl.dot needs M >= 16
+    block_m = _block_m(rows)
     block_d2 = max(32, triton.next_power_of_2(d2))  # the pair axis (half of it) is a dot dimension: >= 16
     row_blocks = cdiv(rows, block_m)
     tiles = cdiv(length, block_n)
