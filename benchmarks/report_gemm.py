@@ -58,7 +58,78 @@ def targets(path: str) -> str:
     return "\n".join(out)
 
 
+def _plain(r: dict, fmt: str) -> float:
+    """Our time without programmatic dependent launch (the same config launched plainly)."""
+    return r.get(f"qoq_{fmt}_nopdl", r[f"qoq_{fmt}"])
+
+
+def small_table(path: str) -> str:
+    """The M <= 16 rows (issue 6's memory-bound band), in µs, with and without PDL."""
+    data = json.load(open(path))
+    meta, rows = data["meta"], [r for r in data["rows"] if r["M"] <= 16]
+    out = [f"{meta['device']}, {meta['date']}, torch {meta['torch']}, triton {meta['triton']}, copy bandwidth "
+           f"{meta['copy_bandwidth_TBps']:.2f} TB/s; {meta.get('timing', '')}. Times in µs. Ours without PDL first, "
+           "as (x cuBLAS bf16 / x tinygemm / % of roof); `PDL b2b` = the same config launched as a programmatic "
+           "dependent, back to back with its own previous call; `+quant` = after the activation-quantization kernel "
+           "(plain / PDL). roof = bytes / copy bandwidth; `stream` = a kernel that only reads the packed weights.", "",
+           "| M | N | K | bf16 | tinygemm | int_mm (32 rows) | stream | roof | g128 | g128 PDL b2b | g128 +quant | chn "
+           "| chn PDL b2b | chn +quant | x int_mm g128 / chn | kernel g128 / chn |",
+           "|---" * 16 + "|"]
+    for r in rows:
+        roof = r["roofline_mem_ms"]
+        cells = [str(r["M"]), str(r["N"]), str(r["K"]), f"{1e3 * r['bf16_cublas']:.1f}",
+                 f"{1e3 * r['tinygemm_int4']:.1f}" if "tinygemm_int4" in r else "-",
+                 f"{1e3 * r['int_mm']:.1f}" if "int_mm" in r else "-",
+                 f"{1e3 * r['stream_read']:.1f}" if "stream_read" in r else "-", f"{1e3 * roof:.1f}"]
+        kinds = []
+        for fmt in ("g128", "chn"):
+            if f"qoq_{fmt}" not in r:
+                cells += ["-", "-", "-"]
+                continue
+            t = _plain(r, fmt)
+            tiny = f" / {r['tinygemm_int4'] / t:.2f}x" if "tinygemm_int4" in r else ""
+            cells.append(f"{1e3 * t:.1f} ({r['bf16_cublas'] / t:.2f}x{tiny} / {100 * roof / t:.0f}%)")
+            cfg = r[f"qoq_{fmt}_cfg"]
+            if cfg.get("PDL"):
+                tp = r[f"qoq_{fmt}"]
+                cells.append(f"{1e3 * tp:.1f} ({r['bf16_cublas'] / tp:.2f}x / {100 * roof / tp:.0f}%)")
+                cells.append(f"{1e3 * r[f'qoq_{fmt}_with_act_quant_nopdl']:.1f} / {1e3 * r[f'qoq_{fmt}_with_act_quant']:.1f}")
+            else:
+                cells.append("-")
+                cells.append(f"{1e3 * r[f'qoq_{fmt}_with_act_quant']:.1f}")
+            kinds.append(("GEMV" if cfg.get("GEMV") else "MMA") + (f" {cfg['BLOCK_N']}x{cfg['UNROLL']}"))
+        cells.append(" / ".join(f"{r['int_mm'] / _plain(r, f):.2f}x" for f in ("g128", "chn")
+                                if "int_mm" in r and f"qoq_{f}" in r) or "-")
+        cells.append(" / ".join(kinds))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def small_targets(path: str) -> str:
+    """Issue 6's M = 1-16 targets per format and M, worst shape, without and with PDL."""
+    rows = [r for r in json.load(open(path))["rows"] if r["M"] <= 16]
+    out = ["| format | M | launch | vs bf16 (min, want ≥3.0x) | vs tinygemm (min, want ≥1.3x) | % roof (min, want ≥70%) | met |",
+           "|---|---|---|---|---|---|---|"]
+    for fmt in ("g128", "chn"):
+        for M in sorted({r["M"] for r in rows}):
+            rs = [r for r in rows if r["M"] == M and f"qoq_{fmt}" in r]
+            for name, get in (("plain", lambda r: _plain(r, fmt)), ("PDL b2b", lambda r: r[f"qoq_{fmt}"])):
+                if name != "plain" and not any(r[f"qoq_{fmt}_cfg"].get("PDL") for r in rs):
+                    continue
+                b = min(r["bf16_cublas"] / get(r) for r in rs)
+                t = min(r["tinygemm_int4"] / get(r) for r in rs if "tinygemm_int4" in r)
+                p = min(r["roofline_mem_ms"] / get(r) for r in rs)
+                ok = b >= 3.0 and t >= 1.3 and p >= 0.7
+                out.append(f"| {fmt} | {M} | {name} | {b:.2f}x | {t:.2f}x | {100 * p:.0f}% | {'yes' if ok else 'no'} |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
-    print()
-    print(targets(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2] == "--small":
+        print(small_table(sys.argv[1]))
+        print()
+        print(small_targets(sys.argv[1]))
+    else:
+        print(table(sys.argv[1]))
+        print()
+        print(targets(sys.argv[1]))

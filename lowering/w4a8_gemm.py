@@ -454,6 +454,9 @@ def _dp4a(a, b, c, USE_ASM: tl.constexpr):
         return r
 
 
+PER_TOKEN_ACC = tl.constexpr(8)  # tokens that get their own accumulator tile in the GEMV kernel
+
+
 @triton.jit
 def _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr):
     """Packed words [rows, chunks, 16] of chunks c0.. and their group scales (zeros past the end)."""
@@ -503,9 +506,11 @@ def _w4a8_gemv_kernel(
         # then overlap this kernel's tail.
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_pid_n
-    pid_n = pid % num_pid_n
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    # Token tiles vary fastest: the programs that read the same weight rows run side by side, so
+    # all but the first find them in L2.
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N read row N-1 (their results are never stored): the weight loads stay unmasked
     # 16-byte vectors.
@@ -520,13 +525,17 @@ def _w4a8_gemv_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     # [rows, tokens]: the token loop's per-row sums land in it without a layout change.
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    # Up to four tokens: dp4a accumulates straight into one tile-shaped accumulator per token and
-    # the cross-lane reduction happens once, after the loop, instead of every iteration (the
-    # unused ones are dead code). More tokens reduce per iteration into `acc`.
+    # Up to PER_TOKEN_ACC tokens: dp4a accumulates straight into one tile-shaped accumulator per
+    # token and the cross-lane reduction happens once, after the loop, instead of every iteration
+    # (the unused ones are dead code). More tokens reduce per iteration into `acc`.
     acc0 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     acc1 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     acc2 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     acc3 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc4 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc5 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc6 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
+    acc7 = tl.zeros([BLOCK_N, UNROLL, 16], dtype=tl.int32)
     n_chunks = tl.cdiv(K4, 32)
     if PREFETCH:
         w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, 0, ch, n_chunks,
@@ -567,20 +576,28 @@ def _w4a8_gemv_kernel(
             else:
                 xa = tl.load(x_row + xk_lo, mask=xk_lo < K4, other=0)
                 xb = tl.load(x_row + xk_hi, mask=xk_hi < K4, other=0)
-            if ROWS <= 4:
+            if ROWS <= PER_TOKEN_ACC:
                 if m == 0:
                     acc0 = _dp4a(lo, xa, _dp4a(hi, xb, acc0, USE_ASM), USE_ASM)
                 elif m == 1:
                     acc1 = _dp4a(lo, xa, _dp4a(hi, xb, acc1, USE_ASM), USE_ASM)
                 elif m == 2:
                     acc2 = _dp4a(lo, xa, _dp4a(hi, xb, acc2, USE_ASM), USE_ASM)
-                else:
+                elif m == 3:
                     acc3 = _dp4a(lo, xa, _dp4a(hi, xb, acc3, USE_ASM), USE_ASM)
+                elif m == 4:
+                    acc4 = _dp4a(lo, xa, _dp4a(hi, xb, acc4, USE_ASM), USE_ASM)
+                elif m == 5:
+                    acc5 = _dp4a(lo, xa, _dp4a(hi, xb, acc5, USE_ASM), USE_ASM)
+                elif m == 6:
+                    acc6 = _dp4a(lo, xa, _dp4a(hi, xb, acc6, USE_ASM), USE_ASM)
+                elif m == 7:
+                    acc7 = _dp4a(lo, xa, _dp4a(hi, xb, acc7, USE_ASM), USE_ASM)
             else:
                 d = _dp4a(lo, xa, _dp4a(hi, xb, 0, USE_ASM), USE_ASM)
                 part = tl.sum(tl.sum(d, axis=2), axis=1)  # [BLOCK_N]
                 acc += tl.where(m_idx[None, :] == m, part[:, None], 0)
-    if ROWS <= 4:
+    if ROWS <= PER_TOKEN_ACC:
         acc += tl.where(m_idx[None, :] == 0, tl.sum(tl.sum(acc0, axis=2), axis=1)[:, None], 0)
         if ROWS >= 2:
             acc += tl.where(m_idx[None, :] == 1, tl.sum(tl.sum(acc1, axis=2), axis=1)[:, None], 0)
@@ -588,6 +605,14 @@ def _w4a8_gemv_kernel(
             acc += tl.where(m_idx[None, :] == 2, tl.sum(tl.sum(acc2, axis=2), axis=1)[:, None], 0)
         if ROWS >= 4:
             acc += tl.where(m_idx[None, :] == 3, tl.sum(tl.sum(acc3, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 5:
+            acc += tl.where(m_idx[None, :] == 4, tl.sum(tl.sum(acc4, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 6:
+            acc += tl.where(m_idx[None, :] == 5, tl.sum(tl.sum(acc5, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 7:
+            acc += tl.where(m_idx[None, :] == 6, tl.sum(tl.sum(acc6, axis=2), axis=1)[:, None], 0)
+        if ROWS >= 8:
+            acc += tl.where(m_idx[None, :] == 7, tl.sum(tl.sum(acc7, axis=2), axis=1)[:, None], 0)
 
     offs_m = pid_m * BLOCK_M + m_idx
     mask_m = offs_m < M

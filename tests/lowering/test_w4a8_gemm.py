@@ -101,7 +101,7 @@ def test_kernel_variants_are_bit_exact(cfg, fmt, group, device):
 
 @pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("progressive", 256), ("per_channel", -1)])
 @given(
-    m=st.integers(1, 9), n=st.integers(1, 40), k_words=st.integers(1, 100), block_m=st.sampled_from([1, 2, 4, 8]),
+    m=st.integers(1, 17), n=st.integers(1, 40), k_words=st.integers(1, 100), block_m=st.sampled_from([1, 2, 4, 8, 16]),
     block_n=st.sampled_from([2, 4, 8]), unroll=st.sampled_from([1, 2, 4]), prefetch=st.booleans(),
     seed=st.integers(0, 2**16),
 )
