@@ -375,13 +375,15 @@ def run(args) -> list[dict]:
                             best = (ms, cfg)
                     if M <= 16 and wg.PDL_AVAILABLE:
                         # The ranking above is of plain launches. Then the winner as a programmatic
-                        # dependent: kept when faster back to back (after a plain kernel, as in a
-                        # decode step, it measured the same: NOTES.md, v6).
+                        # dependent: kept when clearly faster back to back (after a plain kernel, as
+                        # in a decode step, it measured the same: NOTES.md, v6). A tie stays plain:
+                        # PDL tensor-core kernels were much slower on other shapes (v7), their
+                        # early, waiting programs holding shared memory.
                         twin = dict(best[1], PDL=True)
                         try:
                             ms = gtime(_ours(x8, xs, xsum, copies, twin), n_calls, reps)
                             sweep.append({"M": M, "N": N, "K": K, "fmt": fmt, "cfg": twin, "ms": ms})
-                            if ms < best[0]:
+                            if ms < 0.97 * best[0]:
                                 best = (ms, twin)
                         except Exception as e:  # noqa: BLE001 - a Triton without launch_pdl
                             print("  no PDL:", repr(e)[:120])
