@@ -410,22 +410,22 @@ def _kv4_attention_merge_kernel(
 
 
 # ---- configs --------------------------------------------------------------------------------------
-# A config: BLOCK_N (tokens per tile), num_warps, num_stages, LAZY (the softmax maximum moves only in
-# steps of 2^8, so the accumulators are rarely rescaled), and the split rule's two numbers:
-# CTAS_PER_SM, how many programs of the config an SM holds at once (set by its registers: the
-# 1-warp, 64-token kernel takes 255 registers a thread, so 65536 / (255·32) -> 8), and MIN_SPLIT_LEN,
-# the shortest split in tokens worth its partial results. Decode splits the sequence until the
-# (batch, KV head) programs fill ONE wave of CTAS_PER_SM·SMs resident programs and no more: on the
-# H100 sweep a split count that spilled a few programs into a second wave (16×8192 at 9 splits:
-# 1152 programs for 1056 slots) ran 8-20% slower than one that filled exactly one wave.
+# A config: BLOCK_N (tokens per tile), num_warps, num_stages, maxnreg (a register cap, None for the
+# compiler's choice), LAZY (the softmax maximum moves only in steps of 2^8, so the accumulators are
+# rarely rescaled), and the split rule's MIN_SPLIT_LEN, the shortest split in tokens worth its
+# partial results. Decode splits the sequence until the (batch, KV head) programs fill ONE wave of
+# resident programs and no more; how many programs an SM holds at once is read off the compiled
+# kernel (registers, shared memory, threads), or CTAS_PER_SM where given. On the H100 sweep a split
+# count that spilled a few programs into a second wave (16×8192 at 9 splits: 1152 programs for 1056
+# slots) ran 8-20% slower than one that filled exactly one wave (8 splits).
 # Tuned values per GPU live in lowering/configs/kv4-attention-<gpu>.json (benchmarks/bench_attention.py
 # --sweep --write-config); DEFAULT_CONFIGS hold the H100 winners for GPUs without a table.
 # "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIGS = {
-    "decode": {"BLOCK_N": 64, "num_warps": 1, "num_stages": 2, "LAZY": True, "CTAS_PER_SM": 8,
+    "decode": {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                "MIN_SPLIT_LEN": 512},
-    "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "LAZY": True, "CTAS_PER_SM": 2,
+    "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                 "MIN_SPLIT_LEN": 256},
 }
 
@@ -455,28 +455,58 @@ def _block_m(rows: int) -> int:
     return 16 if rows <= 16 else (32 if rows <= 32 else 64)  # tl.dot needs M >= 16
 
 
-def choose_config(device: torch.device, batch: int, kv_heads: int, rows: int, length: int, **overrides) -> dict:
-    """BLOCK_N, num_splits, num_warps, num_stages, LAZY for one call (any batch, length, heads, GQA ratio).
+def choose_config(device: torch.device, rows: int, length: int, **overrides) -> dict:
+    """The tile config for a call (any batch, length, heads, GQA ratio): BLOCK_N, num_warps,
+    num_stages, maxnreg, LAZY, and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN / num_splits.
 
-    `overrides` (any of those keys, and CTAS_PER_SM / MIN_SPLIT_LEN) replace the table's values.
+    `overrides` (any of those keys) replace the table's values; None leaves a value as it is.
     """
     kind = "decode" if rows <= 16 else "prefill"
     cfg = dict(DEFAULT_CONFIGS[kind])
     if device.type == "cuda":
         cfg.update(_tuned_table(torch.cuda.get_device_name(device)).get(kind, {}))
     else:  # interpreter: small tiles keep numpy cheap, short splits exercise the merge
-        cfg.update(BLOCK_N=32, num_warps=4, num_stages=1, MIN_SPLIT_LEN=32)
+        cfg.update(BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=None, CTAS_PER_SM=4, MIN_SPLIT_LEN=32)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    block_n = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(length)))
-    tiles = cdiv(length, block_n)
-    programs = batch * kv_heads * cdiv(rows, _block_m(rows))
-    # one wave of resident programs, floor not ceil: a partial second wave is a tail
-    splits = max(1, min(cfg["CTAS_PER_SM"] * _num_sms(device) // programs,
-                        tiles // max(1, cdiv(cfg["MIN_SPLIT_LEN"], block_n)), 256))
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(length)))
+    cfg["LAZY"] = bool(cfg["LAZY"])
+    cfg.setdefault("num_splits", None)
+    return cfg
+
+
+def split_count(cfg: dict, programs: int, length: int, resident_per_sm: int, sms: int) -> int:
+    """Splits of the sequence: enough to fill one wave of resident programs (floor: a partial second
+    wave is a tail), no split shorter than MIN_SPLIT_LEN, at most 256 (the merge's width)."""
     if cfg.get("num_splits") is not None:
-        splits = cfg["num_splits"]
-    return {"BLOCK_N": block_n, "num_splits": splits, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
-            "LAZY": bool(cfg["LAZY"])}
+        return cfg["num_splits"]
+    tiles = cdiv(length, cfg["BLOCK_N"])
+    return max(1, min(resident_per_sm * sms // programs, tiles // max(1, cdiv(cfg["MIN_SPLIT_LEN"], cfg["BLOCK_N"])),
+                      256))
+
+
+_RESIDENT: dict = {}
+
+
+def _resident_per_sm(device: torch.device, key: tuple, compile_kernel) -> int | None:
+    """Programs of one compiled kernel an SM holds at once (registers, shared memory, threads), cached
+    per kernel variant; None where the compiled kernel cannot tell (the caller then uses a default)."""
+    if key not in _RESIDENT:
+        try:
+            k = compile_kernel()
+            if hasattr(k, "_init_handles"):
+                k._init_handles()
+            regs, shared, warps = k.n_regs, k.metadata.shared, k.metadata.num_warps
+            props = torch.cuda.get_device_properties(device)
+            reg_file = getattr(props, "regs_per_multiprocessor", 65536)
+            smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
+            threads = getattr(props, "max_threads_per_multi_processor", 2048)
+            warp_regs = cdiv(max(int(regs), 1) * 32, 256) * 256  # registers are granted 256 a warp
+            n = min(32, reg_file // (warp_regs * warps), threads // (32 * warps),
+                    smem // (shared + 1024) if shared else 32)  # 1 KB a block is reserved by the driver
+            _RESIDENT[key] = max(1, n)
+        except Exception:  # an older Triton without these fields: fall back to the table
+            _RESIDENT[key] = None
+    return _RESIDENT[key]
 
 
 def _wide_view(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -498,9 +528,11 @@ def kv4_attention_triton(
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
     num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, use_asm: bool | None = None, tuning: dict | None = None,
-) -> torch.Tensor:
+    plan_only: bool = False,
+) -> torch.Tensor | dict:
     """Launch the Triton kernels. The keyword knobs override the chosen config (tests, the sweep);
-    `tuning` may hold LAZY and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN."""
+    `tuning` may hold LAZY, maxnreg and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN. plan_only:
+    return the launch plan (config, splits, programs an SM holds) instead of running (benchmarks)."""
     b, hq, tq, d = q.shape
     hkv, length, d2 = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
@@ -520,16 +552,13 @@ def kv4_attention_triton(
     v_words = _wide_view(v_meta, torch.int32).squeeze(-1)
 
     rows = g * tq
-    cfg = choose_config(q.device, b, hkv, rows, length, BLOCK_N=block_n, num_splits=num_splits,
-                        num_warps=num_warps, num_stages=num_stages, **(tuning or {}))
+    cfg = choose_config(q.device, rows, length, BLOCK_N=block_n, num_splits=num_splits, num_warps=num_warps,
+                        num_stages=num_stages, **(tuning or {}))
     block_n = cfg["BLOCK_N"]
     block_m = _block_m(rows)
     block_d2 = max(32, triton.next_power_of_2(d2))  # the pair axis (half of it) is a dot dimension: >= 16
     row_blocks = cdiv(rows, block_m)
     tiles = cdiv(length, block_n)
-    splits = max(1, min(cfg["num_splits"], tiles))
-    split_len = cdiv(tiles, splits) * block_n
-    splits = cdiv(length, split_len)
 
     code = {torch.bfloat16: CODE_BF16, torch.float16: CODE_F16, torch.float32: CODE_F32}[q.dtype]
     if use_asm is None:
@@ -550,21 +579,40 @@ def kv4_attention_triton(
     else:
         mask_strides = (0, 0, 0, 0)
 
+    args = [q, k_pairs, k_words, v_pairs, v_words, pos, attn_mask if attn_mask is not None else q, out, None, None,
+            *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
+            *mask_strides, *out.stride(),
+            hkv, hq, tq, length, d2, 0, 1, scale * _LOG2E]
+    consts = dict(G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2, HAS_MASK=attn_mask is not None,
+                  MASK_BOOL=mask_bool, CODE=code, BIAS=_CODE_BIAS[code], DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
+                  USE_ASM=use_asm, EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        consts["maxnreg"] = cfg["maxnreg"]
+
+    programs = b * hkv * row_blocks
+    resident = cfg.get("CTAS_PER_SM")
+    if resident is None and cfg.get("num_splits") is None and q.is_cuda:
+        key = (q.device.index, q.dtype, tuple(sorted(consts.items())))
+        scratch = torch.empty(2, dtype=torch.float32, device=q.device)  # partials' dtype: the same kernel variant
+        resident = _resident_per_sm(q.device, key, lambda: _kv4_attention_kernel.warmup(
+            *[scratch if a is None else a for a in args], grid=(1,), PARTIAL=True, **consts))
+    splits = split_count(cfg, programs, length, resident or 8, _num_sms(q.device))
+    splits = max(1, min(splits, tiles))
+    split_len = cdiv(tiles, splits) * block_n
+    splits = cdiv(length, split_len)
+    args[-3], args[-2] = split_len, splits
+    if plan_only:
+        return {**{k: cfg[k] for k in ("BLOCK_N", "num_warps", "num_stages", "maxnreg", "LAZY", "MIN_SPLIT_LEN")},
+                "num_splits": splits, "resident_per_sm": resident, "programs": programs * splits}
+
     if splits > 1:
         pacc = torch.empty(b, hq, tq, splits, d, dtype=torch.float32, device=q.device)
         pml = torch.empty(b, hq, tq, splits, 2, dtype=torch.float32, device=q.device)
     else:
         pacc = pml = out  # unused
-    _kv4_attention_kernel[(b * hkv, splits, row_blocks)](
-        q, k_pairs, k_words, v_pairs, v_words, pos, attn_mask if attn_mask is not None else q, out, pacc, pml,
-        *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
-        *mask_strides, *out.stride(),
-        hkv, hq, tq, length, d2, split_len, splits, scale * _LOG2E,
-        G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2,
-        PARTIAL=splits > 1, HAS_MASK=attn_mask is not None, MASK_BOOL=mask_bool, CODE=code,
-        BIAS=_CODE_BIAS[code], DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda, USE_ASM=use_asm,
-        EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    args[8], args[9] = pacc, pml
+    _kv4_attention_kernel[(b * hkv, splits, row_blocks)](*args, PARTIAL=splits > 1, **consts)
     if splits > 1:
         _kv4_attention_merge_kernel[(b * hq * tq,)](
             pacc, pml, out, *out.stride(), hq, tq, d, splits,
