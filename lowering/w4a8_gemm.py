@@ -713,7 +713,8 @@ def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[tor
     word-aligned) and applies one group scale per 64-wide half of a chunk (groups a multiple of 64).
     """
     K = x8.shape[-1]
-    if K % 4 or qweight.stride(-1) != 1 or qweight.stride(0) % 4 or qweight.storage_offset() % 4:
+    if (K % 4 or qweight.shape[1] % 4 or qweight.stride(-1) != 1 or qweight.stride(0) % 4
+            or qweight.storage_offset() % 4):
         return False
     if gscale is not None:
         group = qweight.shape[1] * 2 // gscale.shape[1]

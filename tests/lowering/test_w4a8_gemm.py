@@ -192,6 +192,36 @@ def test_tuned_configs_are_read_per_gpu_and_fall_back(tmp_path, monkeypatch):
     assert wg.m_bucket(1) == "1" and wg.m_bucket(17) == "64" and wg.m_bucket(5000) == "big"
 
 
+def test_shipped_configs_name_known_keys_and_fit_their_buckets():
+    # The per-GPU JSON is data the dispatcher trusts: every entry must use the kernel's config keys,
+    # and a GEMV entry must hold its bucket's tokens in per-token accumulators or token tiles.
+    import json
+    import os
+
+    import lowering.w4a8_gemm as wg
+
+    files = [f for f in os.listdir(wg.CONFIG_DIR) if f.endswith(".json")]
+    assert files
+    for f in files:
+        table = json.load(open(os.path.join(wg.CONFIG_DIR, f)))
+        assert table.get("layout") == wg.PACK_LAYOUT, f
+        entries = [(b, c) for fmt in table["configs"].values() for shape in fmt.values() for b, c in shape.items()]
+        entries += [(b, c) for fmt in table.get("default", {}).values() for b, c in fmt.items()]
+        for bucket, cfg in entries:
+            assert set(cfg) <= set(wg.CONFIG_KEYS), (f, bucket, cfg)
+            assert bucket in {str(b) for b in wg.M_BUCKETS} | {"big"}, (f, bucket)
+            if cfg.get("GEMV"):
+                assert bucket != "big" and int(bucket) <= 16 and cfg.get("SPLIT_K", 1) == 1, (f, bucket, cfg)
+
+
+def test_heuristic_small_m_is_the_gemv_kernel_unless_asked_not_to():
+    import lowering.w4a8_gemm as wg
+
+    assert wg.heuristic_config(1, 4096, 4096)["GEMV"] is True
+    assert wg.heuristic_config(wg.GEMV_MAX_M + 1, 4096, 4096).get("GEMV", False) is False
+    assert wg.heuristic_config(1, 4096, 4096, gemv=False).get("GEMV", False) is False
+
+
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
