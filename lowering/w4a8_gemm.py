@@ -9,6 +9,10 @@ chunks of 128; byte j (0..63) of a chunk holds k = j in its low nibble and k = 6
 nibble. So one 64-byte run of a row splits into two int8 tiles, each contiguous along K, with one
 mask (low) or one shift and mask (high) per 32-bit word: no byte shuffles, no interleaving join,
 and the kernel feeds each half to its own `tl.dot` against the matching half of the activations.
+
+Two kernels read that layout: the tensor-core kernel (any M) and, for a few tokens (decode), a GEMV
+kernel on CUDA cores that streams the same bytes as int32 words and multiplies with `dp4a`. Which
+one runs, and with which tiles, is data: the per-GPU JSON in `configs/`, keyed by M bucket.
 """
 from __future__ import annotations
 
