@@ -413,15 +413,15 @@ def _kv4_attention_merge_kernel(
 # rarely rescaled), and the split rule's MIN_SPLIT_LEN, the shortest split in tokens worth its
 # partial results. Decode splits the sequence until the (batch, KV head) programs fill ONE wave of
 # resident programs and no more; how many programs an SM holds at once is read off the compiled
-# kernel (registers, shared memory, threads), or CTAS_PER_SM where given. On the H100 sweep a split
-# count that spilled a few programs into a second wave (16×8192 at 9 splits: 1152 programs for 1056
-# slots) ran 8-20% slower than one that filled exactly one wave (8 splits).
+# kernel (registers, shared memory, threads: resident_programs), or CTAS_PER_SM where given. On the
+# H100 a split count that spilled a few programs into a second wave (16×8192 at 9 splits: 1152
+# one-warp programs for 1056 slots) ran 8-30% slower than one that filled exactly one wave (8).
 # Tuned values per GPU live in lowering/configs/kv4-attention-<gpu>.json (benchmarks/bench_attention.py
 # --sweep --write-config); DEFAULT_CONFIGS hold the H100 winners for GPUs without a table.
 # "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIGS = {
-    "decode": {"BLOCK_N": 32, "num_warps": 1, "num_stages": 3, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
+    "decode": {"BLOCK_N": 64, "num_warps": 1, "num_stages": 2, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                "MIN_SPLIT_LEN": 512},
     "prefill": {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                 "MIN_SPLIT_LEN": 256},
@@ -482,26 +482,39 @@ def split_count(cfg: dict, programs: int, length: int, resident_per_sm: int, sms
                       256))
 
 
+def resident_programs(regs: int, shared: int, warps: int, reg_file: int = 65536, smem: int = 228 * 1024,
+                      max_threads: int = 2048, partitions: int = 4) -> int:
+    """Programs of a kernel (regs a thread, shared bytes and warps a program) that one SM holds at once.
+
+    Registers are granted 256 a warp, and each of an SM's 4 schedulers owns a quarter of the
+    register file, its warps living there: a 216-register warp (6912 registers) fits twice in a
+    16384-register quarter, so an SM holds 8 one-warp programs, not the 9 that 65536 / 6912 suggests.
+    The H100 runs of v4 showed it: 9 splits at 16×8192 (1152 one-warp programs) left a tail and ran
+    0.079 ms where 8 ran 0.061 ms, and a 192-register cap changed nothing.
+    """
+    warp_regs = cdiv(max(int(regs), 1) * 32, 256) * 256
+    warps_by_regs = partitions * ((reg_file // partitions) // warp_regs)
+    by_smem = smem // (shared + 1024) if shared else 32  # the driver reserves 1 KB a block
+    return max(1, min(32, warps_by_regs // warps, max_threads // (32 * warps), by_smem))
+
+
 _RESIDENT: dict = {}
 
 
 def _resident_per_sm(device: torch.device, key: tuple, compile_kernel) -> int | None:
-    """Programs of one compiled kernel an SM holds at once (registers, shared memory, threads), cached
-    per kernel variant; None where the compiled kernel cannot tell (the caller then uses a default)."""
+    """resident_programs() of one compiled kernel variant, cached; None where the compiled kernel
+    cannot tell (the caller then uses a default)."""
     if key not in _RESIDENT:
         try:
             k = compile_kernel()
             if hasattr(k, "_init_handles"):
                 k._init_handles()
-            regs, shared, warps = k.n_regs, k.metadata.shared, k.metadata.num_warps
             props = torch.cuda.get_device_properties(device)
-            reg_file = getattr(props, "regs_per_multiprocessor", 65536)
-            smem = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
-            threads = getattr(props, "max_threads_per_multi_processor", 2048)
-            warp_regs = cdiv(max(int(regs), 1) * 32, 256) * 256  # registers are granted 256 a warp
-            n = min(32, reg_file // (warp_regs * warps), threads // (32 * warps),
-                    smem // (shared + 1024) if shared else 32)  # 1 KB a block is reserved by the driver
-            _RESIDENT[key] = max(1, n)
+            _RESIDENT[key] = resident_programs(
+                k.n_regs, k.metadata.shared, k.metadata.num_warps,
+                reg_file=getattr(props, "regs_per_multiprocessor", 65536),
+                smem=getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024,
+                max_threads=getattr(props, "max_threads_per_multi_processor", 2048))
         except Exception:  # an older Triton without these fields: fall back to the table
             _RESIDENT[key] = None
     return _RESIDENT[key]

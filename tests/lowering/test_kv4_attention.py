@@ -226,3 +226,28 @@ def test_head_dim_not_multiple_of_4():
     with pytest.warns(UserWarning, match="not a multiple of 4"):
         out = kv4_attention(q, *caches, pos, kernels="auto")
     torch.testing.assert_close(out, ref)
+
+
+def test_resident_programs_model():
+    """The occupancy model behind the split rule, at the register counts measured on the H100 (Triton
+    3.6): one-warp programs of 216-255 registers -> 8 a SM (per-scheduler register quarters, not
+    65536 / 6912 = 9), 159 registers -> 12; shared memory and thread limits apply too."""
+    from lowering.kv4_attention import resident_programs
+    assert resident_programs(216, 13000, 1) == 8
+    assert resident_programs(255, 13000, 1) == 8
+    assert resident_programs(192, 13000, 1) == 8  # a 192-register cap buys nothing (seen on the H100)
+    assert resident_programs(159, 13000, 1) == 12
+    assert resident_programs(210, 26000, 4) == 2  # 4 warps of 6912 registers: 2 a quarter
+    assert resident_programs(32, 100 * 1024, 4) == 2  # shared memory bound
+    assert resident_programs(16, 0, 32) == 2  # thread bound: 2048 threads
+
+
+def test_split_rule_fills_one_wave():
+    """Splits fill one wave of resident programs (floor), never past MIN_SPLIT_LEN or the tiles."""
+    from lowering.kv4_attention import split_count
+    cfg = {"BLOCK_N": 64, "MIN_SPLIT_LEN": 512, "num_splits": None}
+    assert split_count(cfg, 16 * 8, 8192, 8, 132) == 8  # 1024 programs <= 1056 slots (9 would be 1152)
+    assert split_count(cfg, 64 * 8, 4096, 8, 132) == 2
+    assert split_count(cfg, 8, 32768, 8, 132) == 64  # capped by 512-token splits
+    assert split_count(cfg, 4096, 4096, 8, 132) == 1  # more programs than slots: no split
+    assert split_count({**cfg, "num_splits": 5}, 128, 8192, 8, 132) == 5
