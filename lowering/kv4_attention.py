@@ -1,8 +1,11 @@
 """`qoq::kv4_attention`: attention of queries over a KV4 cache (format in lowering/kv4_append.py).
 
 One kernel serves decode and (chunked) prefill: flash-decoding, i.e. the sequence is split across
-programs, each program loads a KV tile once for all query heads of its GQA group and all its query
-tokens, dequantizes it in registers, and keeps an online softmax; a second kernel merges the splits.
+programs (as many as fill one wave of the GPU), each program streams KV tiles (cp.async-pipelined)
+once for all query heads of its GQA group and all its query tokens, runs the dots on the raw codes
+(scales and zeros applied per token outside the MMA) and keeps an online softmax; a second kernel
+merges the splits. Tuned configs per GPU: lowering/configs/kv4-attention-<gpu>.json; performance
+notes: benchmarks/NOTES.md ("KV4 attention").
 """
 from __future__ import annotations
 
