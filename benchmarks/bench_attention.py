@@ -244,6 +244,7 @@ def fit_config(rows: list[dict]) -> dict | None:
     (w, bn, st, reg, lazy, ctas), logs = min(full.items(), key=lambda kv: sum(kv[1]))
     return {"BLOCK_N": bn, "num_warps": w, "num_stages": st, "maxnreg": reg, "LAZY": lazy, "CTAS_PER_SM": ctas,
             "MIN_SPLIT_LEN": ka.DEFAULT_CONFIGS["decode"]["MIN_SPLIT_LEN"],
+            "SHORT_SPLIT_LEN": ka.DEFAULT_CONFIGS["decode"]["SHORT_SPLIT_LEN"],
             "geomean_vs_best": math.exp(sum(logs) / len(logs))}
 
 

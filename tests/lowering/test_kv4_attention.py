@@ -251,3 +251,6 @@ def test_split_rule_fills_one_wave():
     assert split_count(cfg, 8, 32768, 8, 132) == 64  # capped by 512-token splits
     assert split_count(cfg, 4096, 4096, 8, 132) == 1  # more programs than slots: no split
     assert split_count({**cfg, "num_splits": 5}, 128, 8192, 8, 132) == 5
+    # under a quarter wave with 512-token splits: down to 128-token splits (4×2048: 4 -> 16 splits)
+    assert split_count(cfg, 4 * 8, 2048, 8, 132) == 16
+    assert split_count(cfg, 32 * 8, 1024, 8, 132) == 2  # 512 programs: a quarter wave, keep 512 tokens
