@@ -7,16 +7,19 @@ GQA 32 query / 8 KV heads, head_dim 128, one query token against a full cache of
     TRITON_INTERPRET=1 python benchmarks/bench_attention.py out.json --tiny   # the correctness path on CPU
 
 Timing: each op is captured `--calls` times in one CUDA graph and the replay is timed with events
-(median of `--reps` replays / calls), so Python dispatch stays out, as under `mode="reduce-overhead"`;
+(median of `--reps` replays / calls; ours twice, before and after the peers, since the first timing of
+a shape can read high), so Python dispatch stays out, as under `mode="reduce-overhead"`;
 the captured calls rotate over copies of the caches (at least 200 MB in all) so no call finds its
 cache in L2 (50 MB on an H100). SDPA (enable_gqa, and over repeat_kv-expanded K/V) is timed the same
 way in the same run. Each row also carries the eager `do_bench` time of both (Python dispatch
 included), the bytes each must read, the floor = bytes / measured copy bandwidth, and the error of
 our output against SDPA over the dequantized cache (the op's spec).
 
-The sweep times config families (BLOCK_N, num_warps, num_stages, LAZY) with the split rule's
-CTAS_PER_SM at several shapes; --write-config stores, for "decode", the family and rule with the best
-geometric mean of time / best time over the swept shapes (lowering/kv4_attention.py reads it).
+The sweep times config families (num_warps, BLOCK_N, num_stages, maxnreg, LAZY), each with the split
+count the launcher's rule gives it (one wave of resident programs, read off the compiled kernel, or
+CTAS_PER_SM), at several shapes; --write-config stores, for "decode", the family with the best
+geometric mean of time / best time over the swept shapes (lowering/kv4_attention.py reads it from
+lowering/configs/kv4-attention-<gpu>.json).
 """
 from __future__ import annotations
 
