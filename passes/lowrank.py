@@ -390,10 +390,7 @@ def reads_gelu(x: fx.Node) -> bool:
 
 
 def _weight_nk(qgraph, m) -> torch.Tensor:
-    w = qgraph.weight(m.weight)
-    return w.t() if m.weight_transposed else w
-
-
+    return m.weight_nk(qgraph.weight(m.weight))
 
 
 def _replace(qgraph, m, y: fx.Node) -> None:
@@ -402,6 +399,11 @@ def _replace(qgraph, m, y: fx.Node) -> None:
     is_2d_transpose = getattr(match, "is_2d_transpose", None) or match._is_2d_transpose
     graph = qgraph.gm.graph
     node = m.node
+    if getattr(m, "is_conv1x1", False):
+        # The ops computed [B, *spatial, N] from the channels-last view; the conv's users expect
+        # [B, N, *spatial] with its contiguous strides (a later .view() needs them).
+        with graph.inserting_before(node):
+            y = graph.call_method("contiguous", (graph.call_function(torch.movedim, (y, -1, 1)),))
     y.meta.update({k: v for k, v in node.meta.items()
                    if k in ("stack_trace", "nn_module_stack", "source_fn_stack", "example_value")})
     node.replace_all_uses_with(y)
@@ -479,12 +481,42 @@ def _lower_group_w4a8(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuan
         _replace(qgraph, m, y)
 
 
+class _MergedStats:
+    """Statistics looked up in the caller's first, then in the ones measured here (never mixed
+    into the caller's object, which may be the user's `calibration=`)."""
+
+    def __init__(self, first, extra):
+        self.first, self.extra = first, extra
+
+    def get(self, key):
+        found = self.first.get(key) if self.first is not None else None
+        return found if found is not None else self.extra.get(key)
+
+
+def with_conv_stats(qgraph, linears, stats):
+    """Statistics for the 1x1 convs that have none, measured on the graph's example inputs.
+
+    The compile's calibration watches linears only, and `qcompile.calibrate`'s forward hooks see
+    a conv's input channels-first; a conv match reads a channels-last view, so one extra run of the
+    graph (only when such convs exist) records [..., K] rows for them like for a linear."""
+    missing = {m.node: (m.fqn, m.x) for m in linears if getattr(m, "is_conv1x1", False)
+               and (stats is None or stats.get(m.fqn) is None)}
+    if not missing:
+        return stats
+    from qcompile.calibration import calibrate_graph
+
+    extra = calibrate_graph(qgraph.gm, qgraph.example_inputs, missing,
+                            {w.index for w in qgraph.weights.values()})
+    return _MergedStats(stats, extra)
+
+
 def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuantDecision]:
     """Apply SVDQuant to the graph's linears: choose layers, smooth + split each group of linears
     that share an input, rewrite them to the quantized ops. Returns one decision per group (what
     was done and why); the caller materializes overrides and recompiles."""
     import lowering.w4a4_gemm  # noqa: F401  (registers the qoq ops the rewrite emits)
 
+    stats = with_conv_stats(qgraph, linears, stats)
     order = {n: i for i, n in enumerate(qgraph.gm.graph.nodes)}
     decisions: list[SVDQuantDecision] = []
     groups: dict[fx.Node, list] = {}
@@ -511,7 +543,7 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
             w = qgraph.weight(m.weight)
             w_nk = _weight_nk(qgraph, m)
             wq = fake_quant_w4a4_weight(w_nk).to(w.dtype)
-            qgraph.set_weight(m.weight, wq.t() if m.weight_transposed else wq)
+            qgraph.set_weight(m.weight, m.weight_like_placeholder(wq))
             err = float((wq.float() - w_nk.float()).pow(2).sum() / w_nk.float().pow(2).sum())
             decisions.append(SVDQuantDecision(
                 [m.fqn], "weight_only",
@@ -603,7 +635,7 @@ def svdquant_backend(opts: SVDQuantOptions) -> Callable:
     def backend(gm: fx.GraphModule, example_inputs: list):
         with torch.no_grad():
             qg = capture(gm, example_inputs)
-            linears = find_linears(qg)
+            linears = find_linears(qg, conv1x1=True)
             watch = {m.node: (m.fqn, m.x) for m in linears}
             stats = calibrate_graph(gm, example_inputs, watch,
                                     {w.index for w in qg.weights.values()})

@@ -76,7 +76,7 @@ def _run_svdquant(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, re
     from passes.lowrank import SVDQuantOptions, layer_records, svdquant_pass
 
     opts = SVDQuantOptions.from_config(config)
-    linears = find_linears(qgraph)
+    linears = find_linears(qgraph, conv1x1=True)  # SVDQuant also takes 1x1 convs (UNets)
     with pass_stage("lowrank", qgraph.gm):
         decisions = svdquant_pass(qgraph, linears, stats, opts)
         qgraph.materialize_overrides()
