@@ -265,10 +265,12 @@ def print_table(rows: list[dict]) -> None:
                   f"{b['ms']:.4f}" if b else "-")
         pure = t.get("kv4_pure_triton_unpack")
         print(f"{r['batch']:>3} {r['length']:>6} {r['q_heads']:>3}/{r['kv_heads']:<2} | {fmt(t['kv4_op'])} "
-              f"{fmt(t.get('kv4_op_again'))} {r['kv4_floor_ms']:7.4f} {100 * (r['kv4_fraction_of_roofline'] or 0):5.1f}% | "
+              f"{fmt(t.get('kv4_op_again'))} {r['kv4_floor_ms']:7.4f} "
+              f"{100 * (r['kv4_fraction_of_roofline'] or 0):5.1f}% | "
               f"{fmt(t['sdpa_gqa_bf16'])} {fmt(t['sdpa_repeat_kv_bf16'])} "
               f"{100 * (r['sdpa_fraction_of_roofline'] or 0):5.1f}% | {r['speedup_vs_sdpa'] or 0:6.2f}x | "
-              f"{pure or 0:7.4f} | {r['config']['num_splits']:>6} | {e['kv4_op'] or 0:7.4f}/{e['sdpa_gqa_bf16'] or 0:7.4f} | "
+              f"{pure or 0:7.4f} | {r['config']['num_splits']:>6} | "
+              f"{e['kv4_op'] or 0:7.4f}/{e['sdpa_gqa_bf16'] or 0:7.4f} | "
               f"{best_s:>30} | {r['rel_err_vs_spec']:7.1e}")
     print("ms per call, CUDA-graph medians (eager = do_bench of one Python call); kv4 op timed before and again after "
           "the peers, %roof and speedup use the median of the two; floor = bytes read / copy bandwidth; speedup = "
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             print("bench_attention: needs a CUDA GPU (use --tiny for the CPU correctness path)", file=sys.stderr)
             return 2
         shapes = []
-        for spec in (args.shapes or ",".join(f"{b}x{l}" for b, l in (SWEEP_SHAPES if args.sweep else SHAPES))).split(","):
+        default_shapes = ",".join(f"{b}x{l}" for b, l in (SWEEP_SHAPES if args.sweep else SHAPES))
+        for spec in (args.shapes or default_shapes).split(","):
             parts = [int(x) for x in spec.lower().split("x")]
             shapes.append((parts[0], parts[1], *(parts[2:4] if len(parts) >= 4 else (HQ, HKV))))
         if args.sweep:

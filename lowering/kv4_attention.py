@@ -356,12 +356,14 @@ def _kv4_attention_kernel(
         m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
             n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
             kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
-            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, False, HAS_MASK, MASK_BOOL, LAZY, FTZ_EXP)
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, False, HAS_MASK, MASK_BOOL, LAZY,
+            FTZ_EXP)
     for n0 in range(full_end, end, BLOCK_N):
         m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
             n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
             kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
-            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, True, HAS_MASK, MASK_BOOL, LAZY, FTZ_EXP)
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, True, HAS_MASK, MASK_BOOL, LAZY,
+            FTZ_EXP)
 
     if PARTIAL:
         # Partials are contiguous [B, Hq, Tq, num_splits, 2·D2] (acc, in output dim order) and
@@ -414,8 +416,9 @@ def _kv4_attention_merge_kernel(
 # A config: BLOCK_N (tokens per tile), num_warps, num_stages, maxnreg (a register cap, None for the
 # compiler's choice), LAZY (the softmax maximum moves only in steps of 2^8, so the accumulators are
 # rarely rescaled), and the split rule's MIN_SPLIT_LEN, the shortest split in tokens worth its
-# partial results (SHORT_SPLIT_LEN where that would leave the GPU mostly idle, see split_count). Decode splits the sequence until the (batch, KV head) programs fill ONE wave of
-# resident programs and no more; how many programs an SM holds at once is read off the compiled
+# partial results (SHORT_SPLIT_LEN where that would leave the GPU mostly idle, see split_count).
+# Decode splits the sequence until the (batch, KV head) programs fill ONE wave of resident
+# programs and no more; how many programs an SM holds at once is read off the compiled
 # kernel (registers, shared memory, threads: resident_programs), or CTAS_PER_SM where given. On the
 # H100 a split count that spilled a few programs into a second wave (16×8192 at 9 splits: 1152
 # one-warp programs for 1056 slots) ran 8-30% slower than one that filled exactly one wave (8).
@@ -606,7 +609,8 @@ def kv4_attention_triton(
             *mask_strides, *out.stride(),
             hkv, hq, tq, length, d2, 0, 1, scale * _LOG2E]
     consts = dict(G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2, HAS_MASK=attn_mask is not None,
-                  MASK_BOOL=mask_bool, CODE=code, BIAS=_CODE_BIAS[code], DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
+                  MASK_BOOL=mask_bool, CODE=code, BIAS=_CODE_BIAS[code],
+                  DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
                   USE_ASM=use_asm, EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):

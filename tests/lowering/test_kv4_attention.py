@@ -2,8 +2,6 @@
 the reference == SDPA over the dequantized cache, and KV4 vs FP attention error."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
