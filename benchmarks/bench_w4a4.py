@@ -18,7 +18,9 @@ import triton
 import triton.testing
 
 from lowering.w4a4_activation_quant import triton_quantize_act
-from lowering.w4a4_gemm import quantize_weight, reference, triton_gemm
+from lowering.w4a4_gemm import (
+    GPU_CONFIGS, _w4a4_gemm_kernel, _w4a4_gemm_tuned, quantize_weight, reference, triton_gemm,
+)
 
 # Flux.1 transformer linears: (name, N, K). Double-stream blocks: q/k/v/out 3072x3072, MLP
 # 3072 -> 12288 -> 3072; single-stream blocks: proj_out reads attention ++ MLP (15360).
@@ -33,12 +35,12 @@ RANK = 32
 DEVICE = "cuda"         # --smoke: "cpu" under TRITON_INTERPRET=1, to check the script itself
 
 
-def bench(fn) -> float:
+def bench(fn, rep: int = 200) -> float:
     if DEVICE != "cuda":
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
 
 
 def device_name() -> str:
@@ -160,6 +162,105 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
     return rows, summary
 
 
+def sweep_shape(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
+    """Every tile config of GPU_CONFIGS with no branch and with the branch in each LR_MODE, in one
+    run: where the branch's time goes (a different tile choice, or the epilogue itself), and
+    which (config, mode) is fastest. Also the autotuner's own picks and the kernels' register
+    use and spills (as compiled on this device)."""
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE) * 0.02
+    ld = (torch.randn(k, RANK, device=DEVICE) * 0.02).to(dtype)
+    lu = (torch.randn(RANK, n, device=DEVICE) * 0.02).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    wp, ws = quantize_weight(w)
+    a, sa, lr = triton_quantize_act(x, None, ld)
+    y_ref = triton_gemm(a, sa, wp, ws, lr, lu, bias, torch.float32, config=_smallest_config())
+    rows = []
+    for c in GPU_CONFIGS:
+        if c.kwargs["BLOCK_M"] < 64:   # small-M tiles: not in the running at Flux's M
+            continue
+        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        name = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg)
+        row = {"config": name}
+        for variant, mode in (("none", None), ("lr0", 0), ("lr2", 2)):
+            # (lr1 compiles to the same registers as lr0 on sm_90; timed by the autotuned rows)
+            args = (a, sa, wp, ws, lr, lu) if mode is not None else (a, sa, wp, ws, None, None)
+            try:
+                y = triton_gemm(*args, bias, torch.float32, config=cfg, lr_mode=mode)
+                if mode is not None:
+                    err = float((y - y_ref).norm() / y_ref.norm())
+                    if err > 1e-4:
+                        raise RuntimeError(f"disagrees with the reference config ({err:.1e})")
+                row[variant] = bench(lambda: triton_gemm(*args, bias, dtype, config=cfg,
+                                                         lr_mode=mode), rep=60)
+            except Exception as e:  # noqa: BLE001 - a config that cannot compile here is a row
+                row[variant] = None
+                row[f"{variant}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        torch.cuda.empty_cache()
+    picks = {}
+    for variant, mode, has_lr in (("none", 0, False), ("lr0", 0, True), ("lr1", 1, True),
+                                  ("lr2", 2, True)):
+        args = (a, sa, wp, ws, lr, lu) if has_lr else (a, sa, wp, ws, None, None)
+        t = bench(lambda: triton_gemm(*args, bias, dtype, lr_mode=mode))
+        best = getattr(_w4a4_gemm_tuned, "best_config", None)
+        picks[variant] = {"ms": t, "config": str(best)}
+    ok = lambda v: [r for r in rows if r.get(v) is not None]  # noqa: E731
+    best = {v: min(ok(v), key=lambda r: r[v]) for v in ("none", "lr0", "lr1", "lr2") if ok(v)}
+    return {"M": m, "N": n, "K": k, "rows": rows, "autotuned": picks,
+            "best": {v: {"config": r["config"], "ms": r[v]} for v, r in best.items()}}
+
+
+def _smallest_config() -> dict:
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8, "GROUPS": 1, "num_warps": 4,
+            "num_stages": 3}
+
+
+def compiled_resources() -> list[dict]:
+    """Registers and spills of every compiled variant of the kernel (Triton's own cache):
+    whether a tile config or the branch makes ptxas spill on this device."""
+    out = []
+    try:
+        names = _w4a4_gemm_kernel.arg_names
+        for dev_cache in _w4a4_gemm_kernel.device_caches.values():
+            for k in dev_cache[0].values():
+                k._init_handles()
+                consts = {}
+                for key, v in getattr(k.src, "constants", {}).items():
+                    idx = key[0] if isinstance(key, tuple) else key
+                    name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
+                    if name in ("BLOCK_M", "BLOCK_N", "GROUPS", "HAS_LR", "LR_MODE",
+                                "UNPACK_ASM", "MAGIC_I2F"):
+                        consts[name] = v if isinstance(v, (int, bool)) else str(v)
+                out.append({**consts, "num_warps": k.metadata.num_warps,
+                            "num_stages": k.metadata.num_stages, "n_regs": k.n_regs,
+                            "n_spills": k.n_spills})
+    except Exception as e:  # noqa: BLE001 - diagnostics only; Triton versions differ here
+        out.append({"error": f"{type(e).__name__}: {str(e)[:160]}"})
+    return out
+
+
+def print_sweep(sw: dict) -> None:
+    print(f"\nsweep M={sw['M']} N={sw['N']} K={sw['K']} (ms; lr0: into the accumulator, lr1: own "
+          f"accumulator added, lr2: branch first)")
+    print(f"{'config':24} {'none':>8} {'lr0':>8} {'lr1':>8} {'lr2':>8} {'+lr best':>8}")
+    for r in sw["rows"]:
+        vals = [r.get(v) for v in ("none", "lr0", "lr1", "lr2")]
+        lrs = [v for v in vals[1:] if v is not None]
+        over = f"{100 * (min(lrs) / vals[0] - 1):7.1f}%" if lrs and vals[0] else "-"
+        cells = " ".join(f"{v:8.4f}" if v is not None else f"{'err':>8}" for v in vals)
+        print(f"{r['config']:24} {cells} {over:>8}")
+    b = sw["best"]
+    if "none" in b:
+        for v in ("lr0", "lr1", "lr2"):
+            if v in b:
+                print(f"best {v}: {b[v]['config']} {b[v]['ms']:.4f} ms, "
+                      f"{100 * (b[v]['ms'] / b['none']['ms'] - 1):+.1f}% over the best no-branch "
+                      f"({b['none']['config']} {b['none']['ms']:.4f} ms)")
+    for v, p in sw["autotuned"].items():
+        print(f"autotuned {v}: {p['ms']:.4f} ms  {p['config']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("json_out", help="where to write the results (JSON)")
@@ -167,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU (run with TRITON_INTERPRET=1): checks the script")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time every tile config with and without the branch (each LR_MODE)")
     args = p.parse_args(argv)
     global DEVICE
     if args.smoke:
@@ -192,6 +295,18 @@ def main(argv: list[str] | None = None) -> None:
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
 
+    sweeps, resources = [], []
+    if args.sweep and DEVICE == "cuda":
+        for m in tokens[:1]:
+            for _, n, k in linears[:2]:
+                sweeps.append(sweep_shape(m, n, k, dtype))
+                print_sweep(sweeps[-1])
+        resources = compiled_resources()
+        spilling = [r for r in resources if r.get("n_spills")]
+        print(f"compiled variants: {len(resources)}, spilling: "
+              + ", ".join(f"{r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} "
+                          f"lr{int(bool(r.get('HAS_LR')))} {r['n_spills']}B" for r in spilling))
+
     print(f"{device_name()}  torch {torch.__version__}  triton {triton.__version__}"
           f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak "
           f"{ceil['int8_peak_ops'] / 1e12:.0f} TOP/s  rank {RANK}")
@@ -214,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                    "triton": triton.__version__,
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "rank": RANK, "ceilings": ceil, "checks": checks, "rows": rows,
-                   "summary": summaries}, f, indent=1)
+                   "summary": summaries, "sweeps": sweeps,
+                   "compiled": resources}, f, indent=1)
     print(f"wrote {args.json_out}", file=sys.stderr)
 
 

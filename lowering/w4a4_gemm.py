@@ -157,7 +157,7 @@ def _w4a4_gemm_kernel(
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
     UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, MAGIC_I2F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    GROUPS: tl.constexpr,
+    GROUPS: tl.constexpr, LR_MODE: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -184,6 +184,22 @@ def _w4a4_gemm_kernel(
     sw_ptr = SW + safe_n * stride_swn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LR:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lr_ptrs = LR + safe_m[:, None] * stride_lrm + offs_r[None, :]
+        lu_ptrs = LUP + offs_r[:, None] * stride_lur + safe_n[None, :]
+        if LR_MODE == 2:
+            # The branch first, as the starting value of the accumulator (in the main loop's
+            # units: the loop sums 256·Σqa·qw, or 16· for unsigned activations).
+            unit = 16.0 if A_UNSIGNED else 256.0
+            lr = tl.load(lr_ptrs, mask=mask_r[None, :], other=0.0)
+            lu = tl.load(lu_ptrs, mask=mask_r[:, None], other=0.0)
+            if LR_IEEE:
+                acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(lr, lu)
+            acc = acc * unit
     for g in range(0, G, GROUPS):
         # GROUPS == 2 issues both groups' MMAs before either's float scaling, so the tensor
         # cores have work while the CUDA cores scale (the tile config chooses).
@@ -203,32 +219,40 @@ def _w4a4_gemm_kernel(
     else:
         acc = acc * (1.0 / 256.0)
 
-    if HAS_LR:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        lr = tl.load(LR + safe_m[:, None] * stride_lrm + offs_r[None, :],
-                     mask=mask_r[None, :], other=0.0)
-        lu = tl.load(LUP + offs_r[:, None] * stride_lur + safe_n[None, :],
-                     mask=mask_r[:, None], other=0.0)
-        if LR_IEEE:
-            acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(lr, lu, acc)
+    if HAS_LR and LR_MODE != 2:
+        # The rank-r up-projection: r/(K/2) of the main loop's MACs, in 16-bit MMA.
+        lr = tl.load(lr_ptrs, mask=mask_r[None, :], other=0.0)
+        lu = tl.load(lu_ptrs, mask=mask_r[:, None], other=0.0)
+        if LR_MODE == 0:   # into the accumulator itself
+            if LR_IEEE:
+                acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(lr, lu, acc)
+        else:              # LR_MODE 1: its own accumulator, added after
+            if LR_IEEE:
+                acc += tl.dot(lr.to(tl.float32), lu.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(lr, lu)
     if HAS_BIAS:
         acc += tl.load(BIAS + safe_n).to(tl.float32)[None, :]
     tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
 
+# Where the low-rank MMA goes (see triton_gemm's lr_mode).
+LR_MODE_DEFAULT = 0
+
 # Tile configurations tried on the GPU (kept as data; the interpreter uses the small one).
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
                   num_stages=s)
     for bm, bn, w, s, gr in [
-        (128, 128, 4, 4, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1),
-        (128, 128, 8, 3, 2), (128, 128, 4, 3, 2),
-        (64, 128, 4, 4, 1), (128, 64, 4, 4, 1), (64, 64, 4, 4, 1), (32, 64, 4, 4, 1),
-        (16, 64, 4, 4, 1),
+        # 128x128 tiles spill (ptxas, sm_90: 255 registers + 170-230 bytes of stack); kept
+        # because the sweep measures them against the ones below, which do not spill.
+        (128, 128, 4, 4, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1), (128, 128, 8, 3, 2),
+        (64, 256, 8, 3, 1), (256, 64, 8, 3, 1), (128, 64, 8, 3, 1), (128, 64, 8, 4, 1),
+        (64, 128, 4, 4, 1), (64, 128, 4, 3, 1), (128, 64, 4, 4, 1), (64, 128, 4, 4, 2),
+        (64, 64, 4, 4, 1), (32, 64, 4, 4, 1), (16, 64, 4, 4, 1),
     ]
 ]
 # Two groups a step, so odd group counts test the masked tail under the interpreter.
@@ -236,7 +260,7 @@ _INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": 2}
 
 _w4a4_gemm_tuned = triton.autotune(
     configs=GPU_CONFIGS,
-    key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED", "MAGIC_I2F"],
+    key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED", "MAGIC_I2F", "LR_MODE"],
 )(_w4a4_gemm_kernel)
 
 
@@ -244,11 +268,14 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
                 lr_act: torch.Tensor | None, l_up: torch.Tensor | None,
                 bias: torch.Tensor | None, out_dtype: torch.dtype,
                 unpack_asm: bool | None = None, config: dict | None = None,
-                a_unsigned: bool = False, magic_i2f: bool = True) -> torch.Tensor:
+                a_unsigned: bool = False, magic_i2f: bool = True,
+                lr_mode: int | None = None) -> torch.Tensor:
     """Launch the kernel on 2-D operands; the same result as `reference` within fp32 rounding.
 
     unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. magic_i2f: convert the group
-    sums to float with integer arithmetic instead of I2F (same bits). config: a fixed tile
+    sums to float with integer arithmetic instead of I2F (same bits). lr_mode: where the branch's
+    MMA goes (0: into the accumulator after the loop, 1: its own accumulator added after the
+    loop, 2: before the loop as the accumulator's start; None: LR_MODE_DEFAULT). config: a fixed tile
     configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS"} + num_warps/num_stages) instead of
     autotuning.
     """
@@ -279,6 +306,7 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
                  # fp32 must not become tf32; the interpreter's 16-bit tl.dot is wrong (triton 3.9)
                  LR_IEEE=has_lr and (lr_act.dtype == torch.float32 or interpreter_enabled()),
                  UNPACK_ASM=unpack_asm, A_UNSIGNED=a_unsigned, MAGIC_I2F=magic_i2f,
+                 LR_MODE=LR_MODE_DEFAULT if lr_mode is None else lr_mode,
                  BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
     if config is None and interpreter_enabled():
         config = dict(_INTERP_CONFIG)

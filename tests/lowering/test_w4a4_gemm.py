@@ -33,8 +33,8 @@ def test_weight_quantization_error_within_half_a_step(n, k, seed, scale_dtype):
 @given(m=st.integers(1, 40), n=st.integers(1, 70), k=st.integers(1, 200),
        r=st.sampled_from([0, 7, 16, 32]), bias=st.booleans(), unsigned=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       seed=st.integers(0, 2**31 - 1))
-def test_triton_matches_reference(m, n, k, r, bias, unsigned, dtype, seed):
+       lr_mode=st.sampled_from([0, 1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_triton_matches_reference(m, n, k, r, bias, unsigned, dtype, lr_mode, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * 2).to(dtype)
     shift = torch.full((k,), GELU_SHIFT) if unsigned else None
@@ -47,7 +47,7 @@ def test_triton_matches_reference(m, n, k, r, bias, unsigned, dtype, seed):
     a, sa, lr = quant_reference(x, None, ld, shift)
     wp, ws = quantize_weight(w)
     lr = lr if r else None
-    yt = triton_gemm(a, sa, wp, ws, lr, lu, b, dtype, a_unsigned=unsigned)
+    yt = triton_gemm(a, sa, wp, ws, lr, lu, b, dtype, a_unsigned=unsigned, lr_mode=lr_mode)
     yr = reference(a, sa, wp, ws, lr, lu, b, dtype, a_unsigned=unsigned)
     assert yt.shape == (m, n) and yt.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
