@@ -140,8 +140,20 @@ def main() -> None:
                         "and one refit, which changes the numbers found, not the kernels or "
                         "shapes that run (speed and memory are the same); 'full' = the recipe's "
                         "grid and refits (minutes over 57 blocks)")
+    p.add_argument("--gemm-configs", choices=["all", "sweep"], default="sweep",
+                   help="W4A4 GEMM autotune candidates: 'sweep' = the four fastest tiles of the "
+                        "H100 sweep at Flux shapes (bench_w4a4.py --sweep), 'all' = GPU_CONFIGS "
+                        "(each candidate is one more Triton compile per shape)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.gemm_configs == "sweep":
+        import lowering.w4a4_gemm as w4a4
+
+        keep = {(64, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3)}
+        w4a4._w4a4_gemm_tuned.configs = [
+            c for c in w4a4.GPU_CONFIGS
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in keep
+            and c.kwargs["GROUPS"] == 1]
     if a.search == "fast":
         use_fast_search()
     device = "cpu" if a.smoke else "cuda"
@@ -153,7 +165,7 @@ def main() -> None:
     inputs = make_inputs(model, a.image_tokens, a.text_tokens, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "image_tokens": a.image_tokens, "text_tokens": a.text_tokens,
-            "mode": a.mode, "recipe": a.recipe, "search": a.search, "params": sum(p.numel() for p in model.parameters())}
+            "mode": a.mode, "recipe": a.recipe, "search": a.search, "gemm_configs": a.gemm_configs, "params": sum(p.numel() for p in model.parameters())}
     print(info, flush=True)
     results = []
     bf16_bytes = weight_bytes(model)

@@ -81,7 +81,8 @@ def psnr_cosine(z: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return psnr, cos
 
 
-def compile_variant(model, name: str, kernels: str, small_search: bool = False):
+def compile_variant(model, name: str, kernels: str, small_search: bool = False,
+                    inductor: bool = True):
     """torch.compile with backend="qoq" where its config knows the recipe; otherwise a backend
     that runs the same capture -> calibrate -> SVDQuant pass directly (RTN W4A4 always does:
     it is the pass with rank 0 and no smoothing)."""
@@ -90,9 +91,9 @@ def compile_variant(model, name: str, kernels: str, small_search: bool = False):
     recipe = RECIPE_OF.get(name)
     if recipe is not None and not small_search:
         try:
-            make_config({"recipe": recipe, "kernels": kernels})
-            return torch.compile(model, backend="qoq",
-                                 options={"recipe": recipe, "kernels": kernels})
+            options = {"recipe": recipe, "kernels": kernels, "inductor": inductor}
+            make_config(options)
+            return torch.compile(model, backend="qoq", options=options)
         except QoQConfigError:
             pass
     from passes.lowrank import SVDQuantOptions, svdquant_backend

@@ -240,7 +240,7 @@ def _w4a4_gemm_kernel(
 
 
 # Where the low-rank MMA goes (see triton_gemm's lr_mode).
-LR_MODE_DEFAULT = 0
+LR_MODE_DEFAULT = 2   # H100 sweep (BENCHMARKS.md): 1-3% faster than 0 and 1 at the autotuned tile
 
 # Tile configurations tried on the GPU (kept as data; the interpreter uses the small one).
 GPU_CONFIGS = [
