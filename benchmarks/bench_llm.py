@@ -113,7 +113,13 @@ def make_cache(model, batch: int, max_len: int, prompt: int, device: str):
 
 
 def cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    """GPU bytes the cache holds: the FP tensors' storage (0 once released) + KV4 buffers made for them."""
+    from runtime.kv_cache import kv4_buffers_of
+    from runtime.weights import storage_bytes
+
+    fp = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    kv4 = [t for layer in cache.layers for b in [kv4_buffers_of(layer.keys)] if b is not None for t in b.tensors()]
+    return storage_bytes(fp) + storage_bytes(kv4)
 
 
 def decode(fwd, model, batch: int, a, device: str) -> dict:
@@ -187,6 +193,38 @@ def run_method(name: str, fwd, model, a, device: str, weights: int) -> dict:
             "max_batch_in_budget": max(0, int((budget - weights) // kv_per_seq))}
 
 
+def qoq_memory(model, a) -> dict:
+    """Weight memory after qoq (packed tensors + what FP storage is left), the quantized layers' GPU
+    memory against their packed size, the cache bytes per sequence and the largest batch in budget."""
+    import qcompile
+    from runtime.artifact import records_for
+    from runtime.weights import storage_bytes
+
+    data = records_for(list(model.parameters()))
+    packed_tensors = [t for layer in data.layers.values() for key in layer["tensors"].values()
+                      for t in [data.tensors[key]]] if data is not None and not data.unsaveable else []
+    packed = storage_bytes(packed_tensors)
+    held = weight_bytes(model)
+    rep = qcompile.report(model)
+    q_names = {layer.name for layer in rep.layers if layer.quantized and layer.kind == "linear"}
+    qp = [p_ for n_, p_ in model.named_parameters() if n_.rsplit(".", 1)[0] in q_names]
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv4 = [layer for layer in rep.layers if layer.quantized and layer.format == "kv4"]
+    bits = kv4[0].details["bits_per_element"] if kv4 else 16.0
+    kv_per_seq = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (a.prompt + a.gen) * bits / 8
+    weights = held + packed
+    return {
+        "weights_GiB": round(weights / GiB, 3), "packed_GiB": round(packed / GiB, 3),
+        "quantized_layers": len(q_names),
+        "released": len({layer.name for layer in rep.layers if layer.details.get("fp_weight") == "released"}),
+        "quantized_layers_GiB": round((storage_bytes(qp) + packed) / GiB, 3),
+        "quantized_layers_over_packed": round((storage_bytes(qp) + packed) / max(packed, 1), 3),
+        "kv_bits_per_element": bits, "kv_per_seq_MiB": round(kv_per_seq / (1 << 20), 1),
+        "max_batch_in_budget": max(0, int((a.budget_gb * 1e9 - weights) // kv_per_seq)),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -196,7 +234,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=["bf16", "fp8", "qoq"])
-    p.add_argument("--recipe", default="w4a8-g128")
+    p.add_argument("--recipe", default="qoq", help="qoq recipe (default qoq: W4A8 g128 + KV4)")
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--budget-gb", type=float, default=40.0)
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, reference kernels, no Inductor")
@@ -250,29 +288,12 @@ def main() -> None:
             del swapped, fwd
             results[-1]["weights_note"] = f"fp8 linears {fp8_w / GiB:.2f} GiB + FP rest"
         elif method == "qoq":
-            fwd = compile_fwd("qoq", {"recipe": a.recipe, "release_fp_weights": True})
+            # release_fp_cache: the bench never resets its caches, so the FP StaticCache the KV4 pass
+            # stopped reading can go (what KV4 saves); the weights' FP storage goes too.
+            fwd = compile_fwd("qoq", {"recipe": a.recipe, "release_fp_weights": True, "release_fp_cache": True})
             res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0)
-            import qcompile
-            from passes.quantize import _CACHE
-
-            packed = sum(qw.nbytes for p_ in model.parameters() for qw in _CACHE.get(p_, {}).values())
-            held = weight_bytes(model)
-            res["weights_GiB"] = round((held + packed) / GiB, 3)
-            res["packed_GiB"] = round(packed / GiB, 3)
-            rep = qcompile.report(model)
-            q_layers = [l for l in rep.layers if l.quantized]
-            res["released"] = len({l.name for l in q_layers if l.details.get("fp_weight") == "released"})
-            res["quantized_layers"] = len({l.name for l in q_layers})
-            # GPU memory of the quantized layers: their FP storage (released: 0) + packed tensors.
-            qp = [p_ for n_, p_ in model.named_parameters() if n_.rsplit(".", 1)[0] in {l.name for l in q_layers}]
-            from runtime.weights import storage_bytes
-
-            res["quantized_layers_GiB"] = round((storage_bytes(qp) + packed) / GiB, 3)
-            res["quantized_layers_over_packed"] = round((storage_bytes(qp) + packed) / max(packed, 1), 3)
-            c = model.config
-            kv = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * (a.prompt + a.gen) * 2
-            res["max_batch_in_budget"] = max(0, int((a.budget_gb * 1e9 - held - packed) // kv))
             results.append(res)
+            res.update(qoq_memory(model, a))
 
     def write_json() -> None:
         if a.out:

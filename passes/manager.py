@@ -58,7 +58,7 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
         from passes.kv_cache import kv_cache
 
         with pass_stage("kv_cache", qgraph.gm):
-            record.layers.extend(kv_cache(qgraph, kernels=config.kernels).records)
+            record.layers.extend(kv_cache(qgraph, kernels=config.kernels, release_fp_cache=config.release_fp_cache).records)
     finish_graph(qgraph, record)
 
 

@@ -21,7 +21,7 @@ from runtime.registry import GraphRecord, LayerRecord
 
 # Config fields that describe the runtime, not the numbers: an artifact does not fix them.
 RUNTIME_FIELDS = ("kernels", "inductor", "mode", "calibration", "artifact", "release_fp_weights",
-                  "debug_dir", "quiet", "strict")
+                  "release_fp_cache", "debug_dir", "quiet", "strict")
 _GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
 _INPUT_OPS = {torch.mul: "mul", torch.index_select: "index_select"}
 
@@ -219,7 +219,7 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
         # KV4 buffers are runtime state, not weights: the pass makes them again (shared per FP cache).
         from passes.kv_cache import kv_cache
 
-        kv_cache(qgraph, config.kernels)
+        record.layers.extend(kv_cache(qgraph, config.kernels, config.release_fp_cache).records)
     qgraph.materialize_overrides()
     from passes.manager import finish_graph
 

@@ -5,9 +5,11 @@ works without importing us. The backend is for inference: the graphs it returns 
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import operator
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,8 +20,8 @@ from passes.match import find_linears
 from qcompile.calibration import CalibrationStats, calibrate_graph
 from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
-from qcompile.fallback import FallbackGuard
-from qcompile.artifact import record_constants, remember_graph, replay
+from qcompile.fallback import FallbackGuard, copy_graph
+from qcompile.artifact import artifact_config, record_constants, remember_graph, replay
 from runtime.artifact import ArtifactData, ArtifactError, load, records_for, remember
 from runtime.registry import GraphRecord, link_params, new_graph_record
 from runtime.weights import is_released, release
@@ -34,43 +36,53 @@ def qoq_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -> Callable:
-    """Compile `gm` for the weights in `example_inputs`; the returned runner checks, on every call, that
-    it gets those very weights. Dynamo reuses a graph for another module instance of the same code
-    (regional compilation of repeated blocks), and the packed weights baked into this graph belong to
-    the first one: another set of weights gets its own compile, never the first one's numbers."""
+    """Compile `gm` for the weights (and KV caches) in `example_inputs`; the returned runner checks, on
+    every call, that it gets those very tensors. Dynamo reuses a graph for another module instance of
+    the same code (regional compilation of repeated blocks), and for another cache of a shape its
+    guards accept (a dynamic batch): the packed weights and KV4 buffers baked into this graph belong
+    to the first ones, so other tensors get their own compile (replaying the same quantization),
+    never the first one's numbers or cache."""
     pristine = _copy_graph_module(gm)
-    qgraph_weights = capture(gm, example_inputs).weights
-    indices = [w.index for w in qgraph_weights.values()]
-    expected = [example_inputs[i] for i in indices]
-    fn = _compile_once(gm, example_inputs, config)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    fn, record = _compile_once(gm, example_inputs, config)
+    indices = sorted({w.index for w in capture(pristine, example_inputs).weights.values()}
+                     | {placeholders.index(name) for name in _kv4_cache_inputs(record)})
     if not indices:
         return fn
-    variants: dict[tuple, Callable] = {}
-    # C-level loops: this runs on every call, a decode step of an 8B model checks ~225 weights.
+    variants: dict[tuple, tuple[list, Callable]] = {}
+    # C-level loops: this runs on every call, a decode step of an 8B model checks ~290 tensors.
     pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda a: (a[indices[0]],))
-    expected_t = tuple(expected)
+    expected_t = tuple(example_inputs[i] for i in indices)
 
     @functools.wraps(fn)
     def run(*args):
         if all(map(operator.is_, pick(args), expected_t)):
             return fn(*args)
-        key = tuple(id(args[i]) for i in indices)
-        if key not in variants:
-            log.info("qoq: graph reused for other weights (e.g. another instance of a repeated block); compiling for them")
+        key = tuple(map(id, pick(args)))
+        hit = variants.get(key)
+        # weak references: a variant must not keep a dropped cache alive, nor serve a new tensor
+        # that happens to get a dead one's id
+        if hit is None or not all(ref() is a for ref, a in zip(hit[0], pick(args))):
+            log.info("qoq: graph reused for other weights or another KV cache; compiling for them")
             inputs = list(example_inputs)
             for i in indices:
                 inputs[i] = args[i]
-            variants[key] = compile_graph(_copy_graph_module(pristine), inputs, config)
-        return variants[key](*args)
+            hit = ([weakref.ref(a) for a in pick(args)], compile_graph(_copy_graph_module(pristine), inputs, config))
+            variants[key] = hit
+        return hit[1](*args)
 
     return run
 
 
+def _kv4_cache_inputs(record: GraphRecord) -> list[str]:
+    """Placeholder names of the FP caches whose reads and writes the KV4 pass moved to its buffers."""
+    return [name for layer in record.layers if layer.kind == "attention" and layer.quantized
+            for name in layer.details.get("cache_inputs", ())]
+
+
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of Dynamo's graph module before any pass touched it (nodes and meta; weights are inputs)."""
-    import copy
-
-    new = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    new = fx.GraphModule(gm, copy_graph(gm.graph))
     for attr in ("_param_name_to_source", "meta"):
         if hasattr(gm, attr):
             setattr(new, attr, copy.copy(getattr(gm, attr)))
@@ -85,12 +97,21 @@ def _compile_once(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         params = [w.tensor for w in qgraph.weights.values()]
         link_params(record, params)
         saved = _saved_rewrite(qgraph, config)
-        if saved is not None:
+        if saved is not None and saved[1] == _EARLIER:
+            # Replayed on a copy: a rewrite that does not fit this graph leaves Dynamo's graph untouched.
+            trial = capture(_copy_graph_module(gm), example_inputs)
+            trial_guard = FallbackGuard(trial, config, record)
+            if _try_replay(trial, saved[0], config, record):
+                qgraph, guard, data = trial, trial_guard, saved[0]
+            else:
+                record.layers.clear()
+                saved = None
+        elif saved is not None:
             # From an artifact, or a recompile after release: the recorded rewrite, no calibration.
             data, source = saved
             replay(qgraph, data, config, record, source)
             remember(data, params)
-        else:
+        if saved is None:
             consts = record_constants(qgraph)
             stats = config.calibration
             if stats is None:
@@ -107,7 +128,7 @@ def _compile_once(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
             release_quantized_weights(qgraph, record, data)
         log.debug("qoq graph %d after passes:\n%s", record.graph_id, qgraph.gm.code)
         compiled = guard.compile(example_inputs)
-    return _inference(compiled)
+    return _inference(compiled), record
 
 
 def _saved_rewrite(qgraph, config: QoQConfig) -> Optional[tuple[ArtifactData, str]]:
@@ -117,7 +138,7 @@ def _saved_rewrite(qgraph, config: QoQConfig) -> Optional[tuple[ArtifactData, st
         return load(config.artifact), f"artifact {config.artifact!r}"
     released = [w for w in qgraph.weights.values() if is_released(w.tensor)]
     if not released:
-        return None
+        return _earlier_rewrite(qgraph, config)
     data = records_for([w.tensor for w in released])
     if data is None or data.unsaveable:
         why = data.unsaveable if data is not None else "no record of their quantization"
@@ -126,6 +147,39 @@ def _saved_rewrite(qgraph, config: QoQConfig) -> Optional[tuple[ArtifactData, st
             f"cannot reuse their quantization: {why}. Compile without release_fp_weights"
         )
     return data, "weights released after quantization"
+
+
+_EARLIER = "the rewrite of an earlier graph over the same weights"
+
+
+def _earlier_rewrite(qgraph, config: QoQConfig) -> Optional[tuple[ArtifactData, str]]:
+    """The rewrite an earlier graph of this process made of these very weights, when it covers every
+    linear here, was made with the same options and the weights have not changed since.
+
+    Dynamo compiles one model into several graphs (a prefill and a decode step, a recompile for a new
+    batch size or a dynamic dim): calibrating each on its own example inputs would quantize the same
+    layer differently per graph (a decode graph sees one token) and pay the passes again. Replaying
+    the first graph's rewrite keeps every graph bit-identical to it. Statistics the user passes
+    (`calibration=`) cover every graph already, so their compiles run the passes as asked."""
+    if config.calibration is not None:
+        return None
+    data = records_for([w.tensor for w in qgraph.weights.values()], unchanged=True)
+    if data is None or data.unsaveable or data.config != artifact_config(config):
+        return None
+    if any(m.fqn not in data.layers and m.fqn not in data.skipped for m in find_linears(qgraph)):
+        return None
+    return data, _EARLIER
+
+
+def _try_replay(qgraph, data: ArtifactData, config: QoQConfig, record: GraphRecord) -> bool:
+    """Replay `data` on `qgraph`; False when it does not fit this graph (it is then quantized afresh)."""
+    try:
+        replay(qgraph, data, config, record, _EARLIER)
+    except Exception as e:  # noqa: BLE001 - any misfit means: quantize this graph afresh
+        log.info("qoq: the earlier rewrite of these weights does not fit this graph (%s); quantizing it afresh", e)
+        return False
+    remember(data, [w.tensor for w in qgraph.weights.values()])
+    return True
 
 
 def release_quantized_weights(qgraph, record: GraphRecord, data: ArtifactData) -> None:

@@ -39,6 +39,9 @@ class QoQConfig:
     artifact: Optional[str] = None  # folder written by qcompile.save: compile from it, no calibration
     # Free the FP storage of quantized weights (the FP model stops working); off unless asked for.
     release_fp_weights: bool = False
+    # Free the FP static cache a KV4 rewrite left unread (its memory is the point of KV4); off unless
+    # asked for, because transformers' StaticCache.reset() zeroes those tensors and would then fail.
+    release_fp_cache: bool = False
     # The user's side (issue 8): graph dumps per pass, progress bars, and re-raising instead of FP fallback.
     debug_dir: Optional[str] = None  # default: the QOQ_DEBUG_DIR environment variable
     quiet: Optional[bool] = None  # None: bars only on a terminal and without QOQ_QUIET=1
@@ -65,6 +68,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "w4a8-svd": dict(weight_group_size=128),
 }
 PLANNED_RECIPES: dict[str, str] = {}
+# What `torch.compile(model, backend="qoq")` does with no recipe. (A bare QoQConfig() is plain
+# w4a8-g128 round-to-nearest: the dataclass defaults are the fields no recipe sets.)
+DEFAULT_RECIPE = "qoq"
 
 _ALLOWED: dict[str, tuple] = {
     "weight_group_size": (-1, 32, 64, 128, 256),
@@ -73,9 +79,10 @@ _ALLOWED: dict[str, tuple] = {
     "mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "inductor": (True, False),
     "release_fp_weights": (True, False),
+    "release_fp_cache": (True, False),
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
-                "artifact", "skip_layers", "protective_range", "release_fp_weights")
+                "artifact", "skip_layers", "protective_range", "release_fp_weights", "release_fp_cache")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
 _OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
@@ -90,7 +97,7 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             f"unknown qoq option(s) {unknown}; valid keys are: {', '.join(_OPTION_KEYS)}"
         )
     given = dict(options)
-    recipe = options.pop("recipe", QoQConfig.recipe)
+    recipe = options.pop("recipe", DEFAULT_RECIPE)
     if not isinstance(recipe, str):
         raise QoQConfigError(f"option recipe={recipe!r}: expected a recipe name (str), one of {', '.join(RECIPES)}")
     if recipe in PLANNED_RECIPES:

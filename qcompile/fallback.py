@@ -12,6 +12,7 @@ import threading
 import warnings
 
 import torch
+import torch.fx as fx
 
 log = logging.getLogger("qoq")
 
@@ -155,6 +156,19 @@ def _released(qgraph) -> bool:
     return any(is_released(w.tensor) for w in qgraph.weights.values())
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A copy of `graph`'s nodes and meta (weights are not copied), with the attributes Dynamo sets on
+    nodes (placeholders' `_dynamo_source`, which AOTAutograd needs) that deepcopy drops."""
+    import copy
+
+    new_graph = copy.deepcopy(graph)
+    for old, new in zip(graph.nodes, new_graph.nodes):
+        for key, value in vars(old).items():
+            if key not in vars(new):
+                setattr(new, key, value)
+    return new_graph
+
+
 class FallbackGuard:
     """Keeps one graph's FP form while the passes and Inductor run, and restores it when either fails.
 
@@ -163,18 +177,10 @@ class FallbackGuard:
     """
 
     def __init__(self, qgraph, config, record):
-        import copy
-
         from qcompile.debug import GraphDumper, debug_dir
 
         self.qgraph, self.config, self.record = qgraph, config, record
-        self.fp_graph = copy.deepcopy(qgraph.gm.graph)  # nodes and meta only: weights are not copied
-        # Dynamo sets attributes on nodes (placeholders' `_dynamo_source`, which AOTAutograd needs)
-        # that copying a graph drops: carry them over.
-        for old, new in zip(qgraph.gm.graph.nodes, self.fp_graph.nodes):
-            for key, value in vars(old).items():
-                if key not in vars(new):
-                    setattr(new, key, value)
+        self.fp_graph = copy_graph(qgraph.gm.graph)
         self.buffers = set(qgraph.gm._buffers)
         self.dumper = GraphDumper(debug_dir(config), record.graph_id)
 

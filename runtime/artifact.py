@@ -77,21 +77,30 @@ class ArtifactData:
 
 # -- records kept while the model lives ------------------------------------------------------------
 _ORDER = itertools.count()
-_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()  # parameter -> [(order, ArtifactData)]
+# parameter -> [(order, ArtifactData, the parameter's version counter when it was recorded)]
+_BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def remember(data: ArtifactData, params: list[torch.Tensor]) -> None:
-    entry = (next(_ORDER), data)
+    order = next(_ORDER)
     for p in params:
-        _BY_PARAM.setdefault(p, []).append(entry)
+        _BY_PARAM.setdefault(p, []).append((order, data, p._version))
 
 
-def records_for(params) -> Optional[ArtifactData]:
-    """All records reading any of `params`, merged in compile order; None if there are none."""
+def records_for(params, unchanged: bool = False) -> Optional[ArtifactData]:
+    """All records reading any of `params`, merged in compile order; None if there are none.
+
+    `unchanged=True` keeps only records made while every one of `params` they read held the values
+    it holds now (its version counter has not moved: no in-place update such as load_state_dict)."""
     seen: dict[int, ArtifactData] = {}
+    stale: set[int] = set()
     for p in params:
-        for order, data in _BY_PARAM.get(p, []):
+        for order, data, version in _BY_PARAM.get(p, []):
             seen[order] = data
+            if p._version != version:
+                stale.add(order)
+    if unchanged:
+        seen = {order: data for order, data in seen.items() if order not in stale}
     if not seen:
         return None
     # The latest compile's config decides: records of an earlier compile with other options are stale.

@@ -8,6 +8,7 @@ cache's writes and SDPA into qoq.kv4_append / qoq.kv4_attention over `KV4LayerBu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -87,6 +88,11 @@ def kv4_buffers_for(fp_keys: torch.Tensor, fp_values: torch.Tensor) -> KV4LayerB
     buffers = KV4LayerBuffers.allocate(b, h, length, d, fp_keys.device)
     _BUFFERS_BY_FP_CACHE[fp_keys] = buffers
     return buffers
+
+
+def kv4_buffers_of(fp_keys: torch.Tensor) -> Optional[KV4LayerBuffers]:
+    """The KV4 buffers a compiled graph made for this FP key cache, if any (none are made here)."""
+    return _BUFFERS_BY_FP_CACHE.get(fp_keys)
 
 
 def release_storage(t: torch.Tensor) -> None:

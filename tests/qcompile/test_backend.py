@@ -82,6 +82,37 @@ def test_graph_breaks_recompiles_and_dynamic_shapes_quantize_each_weight_once(mo
     assert sorted(calls) == [(16, 32), (32, 32)]  # each weight quantized once
 
 
+@pytest.mark.parametrize("recipe", ["w4a8-g128", "qoq"])
+def test_recompiles_replay_the_first_graphs_rewrite_until_the_weights_change(monkeypatch, recipe):
+    """A decode step or a new batch size recompiles the same layers: they must keep the first graph's
+    calibration and quantization (a one-token graph would calibrate on one token), with no pass run
+    again; weights changed in place (load_state_dict) are quantized afresh."""
+    import qcompile.backend as qb
+
+    calls = []
+    real = qb.calibrate_graph
+    monkeypatch.setattr(qb, "calibrate_graph", lambda *a: calls.append(1) or real(*a))
+    lm = _tiny_llama(False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lm, backend="qoq", options={"recipe": recipe, "inductor": False})
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        first = compiled(ids[:2]).logits
+        later = [compiled(ids[:b, :t]).logits for b, t in [(1, 1), (3, 16), (1, 7)]]
+        assert len(graphs_for(compiled)) >= 3 and len(calls) == 1
+        # the same quantized function in every graph: the rows of a batch do not interact
+        torch.testing.assert_close(later[1][:2], first, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(later[2][0], first[0, :7], rtol=1e-4, atol=1e-4)
+        quantized = graphs_for(compiled)[-1].layers
+        assert sum(layer.quantized for layer in quantized) == 14
+        assert all(layer.details.get("source") for layer in quantized if layer.quantized)
+        lm.load_state_dict({k: v * 1.5 for k, v in lm.state_dict().items()})
+        torch._dynamo.reset()
+        compiled = torch.compile(lm, backend="qoq", options={"recipe": recipe, "inductor": False})
+        compiled(ids[:1, :4])
+    assert len(calls) == 2
+
+
 def _tiny_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
