@@ -5,6 +5,7 @@ qoq (`--recipe`, svdquant by default) vs torch.compile bf16. Prints a table, wri
     python benchmarks/bench_diffusion.py --out $OUT/bench_diffusion.json
     python benchmarks/bench_diffusion.py --methods qoq --recipe w4a8-g128      # one method per call
     python benchmarks/bench_diffusion.py --smoke                               # tiny model on the CPU
+    python benchmarks/bench_diffusion.py --memory --out mem.json               # weight memory, CPU
 
 A step is one transformer forward (the sampler's update is negligible beside it); median of
 `--steps` timed forwards after `--warmup`, with CUDA events around each. Weight memory counts the
@@ -110,6 +111,89 @@ def weight_bytes(model) -> int:
     return storage_bytes(tensors) + packed
 
 
+class _ConstantTally:
+    """Records every constant the passes attach to a graph (packed weights, scales, low-rank
+    factors, smoothing, shifted biases, dequantized overrides), with the stem naming its layer."""
+
+    def __enter__(self):
+        from qcompile.capture import QGraph
+
+        self.items: list[tuple[str, torch.Tensor]] = []
+        self._orig = QGraph.add_constant
+        tally = self
+
+        def add_constant(qgraph, stem, value, before):
+            tally.items.append((stem, value))
+            return tally._orig(qgraph, stem, value, before)
+
+        QGraph.add_constant = add_constant
+        return self
+
+    def __exit__(self, *exc):
+        from qcompile.capture import QGraph
+
+        QGraph.add_constant = self._orig
+
+
+def _block_of(name: str) -> str:
+    """'double', 'single' or 'base': which part of a Flux transformer a weight or constant is in."""
+    from passes.lowrank import module_name
+
+    name = module_name(name)
+    if name.startswith("transformer_blocks."):
+        return "double"
+    if name.startswith("single_transformer_blocks."):
+        return "single"
+    return "base"
+
+
+def weight_memory(a) -> dict:
+    """Weight bytes of the full-depth model, bf16 and qoq, measured on a one-double + one-single
+    block model of the same width on the CPU and scaled by the block counts (every block of a
+    kind has the same shapes, so the bytes are exactly linear in them).
+
+    qoq's bytes: the parameters the compiled graph still reads (every parameter, minus the
+    weights of the layers the report lists as quantized) plus the constants the passes attached.
+    Runs the recipe's pass on 80 tokens (the bytes do not depend on the token count) with the
+    reference kernels and without Inductor."""
+    import qcompile
+    from passes.lowrank import module_name
+
+    dims = dict(TINY if a.smoke else FLUX_DEV, num_layers=1, num_single_layers=1)
+    model = build_model(dims, "cpu", torch.bfloat16)
+    inputs = make_inputs(model, 64, 16, "cpu", torch.bfloat16)
+    params = dict(model.named_parameters())
+    fp = {"base": 0, "double": 0, "single": 0}
+    for name, p in params.items():
+        fp[_block_of(name)] += p.numel() * p.element_size()
+    torch._dynamo.reset()
+    with _ConstantTally() as tally, torch.no_grad():
+        fn = torch.compile(model, backend="qoq", options={
+            "recipe": a.recipe, "kernels": "reference", "inductor": False})
+        fn(**inputs)
+    q = dict(fp)
+    replaced = set()
+    for layer in qcompile.report(fn).layers:
+        name = module_name(layer.name)
+        if layer.quantized and f"{name}.weight" in params and name not in replaced:
+            replaced.add(name)
+            w = params[f"{name}.weight"]
+            q[_block_of(name)] -= w.numel() * w.element_size()
+    seen = set()
+    for stem, t in tally.items:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        q[_block_of(stem)] += t.numel() * t.element_size()
+    full = lambda d: d["base"] + FLUX_DEV["num_layers"] * d["double"] + FLUX_DEV["num_single_layers"] * d["single"]  # noqa: E731
+    out = {"bf16_GiB": round(full(fp) / GiB, 3), "qoq_GiB": round(full(q) / GiB, 3),
+           "per_block_MiB": {k: {"bf16": round(fp[k] / 2**20, 2), "qoq": round(q[k] / 2**20, 2)}
+                             for k in fp},
+           "quantized_layers_per_block_pair": len(replaced)}
+    out["qoq_vs_bf16"] = round(out["qoq_GiB"] / out["bf16_GiB"], 3)
+    return out
+
+
 def use_fast_search() -> None:
     """Make the svdquant recipes search one (α, β) and refit once: this benchmark times the
     kernels, which the found values do not change."""
@@ -144,6 +228,9 @@ def main() -> None:
                    help="W4A4 GEMM autotune candidates: 'sweep' = the four fastest tiles of the "
                         "H100 sweep at Flux shapes (bench_w4a4.py --sweep), 'all' = GPU_CONFIGS "
                         "(each candidate is one more Triton compile per shape)")
+    p.add_argument("--memory", action="store_true",
+                   help="weight memory only, on the CPU: one block of each kind at full width, "
+                        "scaled to full depth (see weight_memory)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.gemm_configs == "sweep":
@@ -156,6 +243,17 @@ def main() -> None:
             and c.kwargs["GROUPS"] == 1]
     if a.search == "fast":
         use_fast_search()
+    if a.memory:
+        info = {"recipe": a.recipe, "search": a.search, "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d"), "dims": FLUX_DEV}
+        mem = weight_memory(a)
+        print(json.dumps(mem, indent=1))
+        print(f"\nFlux-dev-shaped, full depth: bf16 {mem['bf16_GiB']:.3f} GiB, qoq {a.recipe} "
+              f"{mem['qoq_GiB']:.3f} GiB ({mem['qoq_vs_bf16']:.3f}x)")
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"info": info, "weight_memory": mem}, f, indent=1)
+        return
     device = "cpu" if a.smoke else "cuda"
     dims = TINY if a.smoke else FLUX_DEV
     dtype = torch.float32 if a.smoke else torch.bfloat16
