@@ -64,10 +64,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         # that happens to get a dead one's id
         if hit is None or not all(ref() is a for ref, a in zip(hit[0], pick(args))):
             log.info("qoq: graph reused for other weights or another KV cache; compiling for them")
-            inputs = list(example_inputs)
-            for i in indices:
-                inputs[i] = args[i]
-            hit = ([weakref.ref(a) for a in pick(args)], compile_graph(_copy_graph_module(pristine), inputs, config))
+            # this call's inputs, all of them: a graph dynamic in the batch gets a cache of this batch
+            hit = ([weakref.ref(a) for a in pick(args)], compile_graph(_copy_graph_module(pristine), list(args), config))
             variants[key] = hit
         return hit[1](*args)
 
