@@ -47,7 +47,13 @@ def main() -> None:
                     step(a.prompt + 3 + i)
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
-        lines.append(f"== batch {batch}, {a.layers} layers, 5 steps ==\n{table}")
+        import qcompile
+
+        rep = qcompile.report(model)
+        graphs = [(g.graph_id, dict(g.qoq_ops)) for g in rep.graphs]
+        reasons = sorted({layer.reason for layer in rep.layers if not layer.quantized})
+        lines.append(f"== batch {batch}, {a.layers} layers, 5 steps ==\ngraphs (id, qoq ops): {graphs}\n"
+                     f"FP reasons: {reasons}\n{table}")
         print(lines[-1], flush=True)
         del cache
     if a.out:
