@@ -44,8 +44,8 @@ def _per_producer_max(v: torch.Tensor, index: torch.Tensor | None, size: int) ->
     """Max of a per-consumer-channel quantity over the consumer channels sharing a producer channel."""
     if index is None:
         return v
-    out = torch.zeros(size, dtype=v.dtype)
-    return out.scatter_reduce(0, index, v, reduce="amax", include_self=True)
+    out = torch.zeros(size, dtype=v.dtype, device=v.device)  # the GQA index map is made on the CPU
+    return out.scatter_reduce(0, index.to(v.device), v, reduce="amax", include_self=True)
 
 
 def search_factors(x: torch.Tensor, absmax: torch.Tensor, weights: list[torch.Tensor], config: QoQConfig,
@@ -103,7 +103,8 @@ def _fold(qgraph: QGraph, group: ScaleGroup, s: torch.Tensor) -> str:
         p = group.producer
         if group.index is not None:
             size = int(group.index.max()) + 1
-            s_p = torch.ones(size).scatter_reduce(0, group.index, s, reduce="amax", include_self=False)
+            s_p = torch.ones(size, device=s.device).scatter_reduce(0, group.index.to(s.device), s, reduce="amax",
+                                                                    include_self=False)
         else:
             s_p = s
         rows = slice(group.row_offset, group.row_offset + s_p.shape[0])

@@ -136,7 +136,7 @@ def test_reduce_overhead_cuda_graphs_static_cache_decode(compiles, as_option):
     """On the GPU: Inductor + CUDA graphs over the decode step; no recompiles per step, same tokens as
     the same qoq graphs without CUDA graphs."""
     lm = _tiny_llama(2).cuda().to(torch.bfloat16)
-    kw = {"options": {"mode": "reduce-overhead"}} if as_option else {"mode": "reduce-overhead"}
+    kw = {"options": {"mode": "reduce-overhead", "strict": True}} if as_option else {"mode": "reduce-overhead"}
     torch._dynamo.reset()
     fwd = torch.compile(lm.forward, backend="qoq", fullgraph=True, **kw)
     got, steps = _generate_static(fwd, lm, 2, 6, compiles, device="cuda")
@@ -145,6 +145,23 @@ def test_reduce_overhead_cuda_graphs_static_cache_decode(compiles, as_option):
     plain = torch.compile(lm.forward, backend="qoq", fullgraph=True)
     want, _ = _generate_static(plain, lm, 2, 6, compiles, device="cuda")
     assert float((got == want).float().mean()) >= 0.9  # same graphs; CUDA graphs only replay them
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", ["qoq", "qoq-chn", "w4a8-g128"])
+def test_every_llm_recipe_runs_its_passes_on_cuda(compiles, recipe):
+    """strict=True: a pass that fails on CUDA tensors (a CPU-made index, say) raises here instead of
+    leaving the graph in FP with a warning, which the CPU suite cannot see."""
+    import qcompile
+
+    lm = _tiny_llama(2).cuda().to(torch.bfloat16)
+    torch._dynamo.reset()
+    fwd = torch.compile(lm.forward, backend="qoq", fullgraph=True, options={"recipe": recipe, "strict": True})
+    _generate_static(fwd, lm, 2, 3, compiles, device="cuda")
+    graphs = qcompile.report(lm).graphs
+    assert all(g.qoq_ops.get("qoq.w4a8_gemm") == 14 for g in graphs)
+    if recipe != "w4a8-g128":
+        assert all(g.qoq_ops.get("qoq.kv4_attention") == 2 for g in graphs)
 
 
 def test_regional_compilation_of_repeated_blocks_gets_each_blocks_weights():
