@@ -40,7 +40,7 @@ class _Quantizer:
         self.importance = importance
         self.group = config.weight_group_size
         self.pr = config.protective_range
-        self.clip = clip.float()
+        self.clip = clip.float().to(w.device)
         if self.group == -1:
             wmax = (w.amax(dim=1).clamp_min(0) * self.clip)
             wmin = (w.amin(dim=1).clamp_max(0) * self.clip)
@@ -49,8 +49,8 @@ class _Quantizer:
         else:
             self.s1 = w.abs().amax(dim=1).clamp_min(_TINY) / self.pr
             G = cdiv(self.K, self.group)
-            self.s2 = torch.ones(self.N, G)
-            self.z2 = torch.zeros(self.N, G)
+            self.s2 = torch.ones(self.N, G, device=w.device)
+            self.z2 = torch.zeros(self.N, G, device=w.device)
 
     def start_group(self, g: int, wg: torch.Tensor) -> None:
         """Level-2 scale and zero of group `g` from its current (error-updated) columns."""
@@ -94,8 +94,8 @@ class _Quantizer:
         G = self.group
         multiple = math.lcm(K_PAD, G)
         Kp = cdiv(K, multiple) * multiple
-        s2 = torch.ones(N, Kp // G)
-        z2 = torch.zeros(N, Kp // G)
+        s2 = torch.ones(N, Kp // G, device=q.device)
+        z2 = torch.zeros(N, Kp // G, device=q.device)
         s2[:, : self.s2.shape[1]] = self.s2
         z2[:, : self.z2.shape[1]] = self.z2
         qp = z2.repeat_interleave(G, dim=1)  # padded columns hold zeros: code = the group's zero
@@ -109,7 +109,7 @@ class _Quantizer:
 def quantize_rtn(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None = None) -> tuple[QuantizedWeight, torch.Tensor]:
     """Round to nearest with per-row clip ratios; returns the weight and its dequantized value."""
     w = w.detach().float()
-    quant = _Quantizer(w, config, clip if clip is not None else torch.ones(w.shape[0]))
+    quant = _Quantizer(w, config, clip if clip is not None else torch.ones(w.shape[0], device=w.device))
     q = torch.empty_like(w)
     deq = torch.empty_like(w)
     step = quant.group if quant.group != -1 else w.shape[1]
@@ -131,7 +131,7 @@ def fake_quantize(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None 
     """What `quantize_rtn(...)[1]` returns, vectorized over groups (for searches that call it often)."""
     w = w.detach().float()
     N, K = w.shape
-    r = (clip.float() if clip is not None else torch.ones(N))[:, None]
+    r = (clip.float().to(w.device) if clip is not None else torch.ones(N, device=w.device))[:, None]
     if config.weight_group_size == -1:
         wmax = w.amax(dim=1, keepdim=True).clamp_min(0) * r
         wmin = w.amin(dim=1, keepdim=True).clamp_max(0) * r
@@ -141,7 +141,7 @@ def fake_quantize(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None 
     G, pr = config.weight_group_size, config.protective_range
     s1 = w.abs().amax(dim=1, keepdim=True).clamp_min(_TINY) / pr
     Kp = cdiv(K, G) * G
-    w8 = torch.zeros(N, Kp)
+    w8 = torch.zeros(N, Kp, device=w.device)
     w8[:, :K] = _round(w / s1).clamp_(-pr, pr)
     g = w8.view(N, Kp // G, G)
     gmax = g.amax(dim=2, keepdim=True).clamp_min(0) * r[..., None]
@@ -155,10 +155,10 @@ def fake_quantize(w: torch.Tensor, config: QoQConfig, clip: torch.Tensor | None 
 def search_clip(w: torch.Tensor, x: torch.Tensor, config: QoQConfig, ratios=CLIP_RATIOS) -> torch.Tensor:
     """Per output channel, the clip ratio whose round-to-nearest weight gives the least output error on `x`."""
     w = w.detach().float()
-    best_err = torch.full((w.shape[0],), float("inf"))
-    best = torch.ones(w.shape[0])
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best = torch.ones(w.shape[0], device=w.device)
     for r in ratios:
-        deq = fake_quantize(w, config, torch.full((w.shape[0],), float(r)))
+        deq = fake_quantize(w, config, torch.full((w.shape[0],), float(r), device=w.device))
         err = (x @ (w - deq).t()).pow(2).sum(dim=0)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -176,13 +176,13 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, config: QoQConfig, clip: torch.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(K)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     importance = None
     if grid and config.weight_group_size != -1:
         importance = _normalized_importance(torch.diagonal(H), K)  # damped: GPTQ's own view of the channels
-    quant = _Quantizer(W, config, clip if clip is not None else torch.ones(N), importance)
+    quant = _Quantizer(W, config, clip if clip is not None else torch.ones(N, device=W.device), importance)
     if quant.group != -1:
         block = quant.group  # a block is one group, so its parameters come from error-updated columns
     Q = torch.zeros_like(W)
@@ -279,7 +279,7 @@ def _grid_params(u: torch.Tensor, ip: torch.Tensor) -> tuple[torch.Tensor, torch
     gmax = u.amax(dim=2).clamp_min(0)
     gmin = u.amin(dim=2).clamp_max(0)
     c = torch.ceil((gmax - gmin) / 15).clamp(1, 16)
-    best_err = torch.full(c.shape, float("inf"))
+    best_err = torch.full(c.shape, float("inf"), device=c.device)
     best_s = c.clone()
     best_z = _round(-gmin / c).clamp(0, 15)
     for ds in GRID_SCALE_STEPS:
@@ -303,8 +303,8 @@ def _grid_codes(u: torch.Tensor, s2: torch.Tensor, z: torch.Tensor) -> torch.Ten
     return torch.minimum(torch.maximum(_round(u / s2) + z, lo), hi)
 
 
-def _normalized_importance(importance: torch.Tensor | None, K: int) -> torch.Tensor:
-    imp = torch.ones(K) if importance is None else importance.detach().float().clamp_min(0)
+def _normalized_importance(importance: torch.Tensor | None, K: int, device=None) -> torch.Tensor:
+    imp = torch.ones(K, device=device) if importance is None else importance.detach().float().clamp_min(0).to(device)
     if imp.shape != (K,):
         raise ValueError(f"importance has shape {tuple(imp.shape)}, expected ({K},): one weight per input channel")
     return imp / imp.mean().clamp_min(_TINY) + 1e-3  # no channel is free: keeps unseen channels sane
@@ -326,17 +326,17 @@ def search_grid(w: torch.Tensor, config: QoQConfig, importance: torch.Tensor | N
     w = w.detach().float()
     N, K = w.shape
     G, pr = config.weight_group_size, config.protective_range
-    imp = _normalized_importance(importance, K)
+    imp = _normalized_importance(importance, K, w.device)
     s1 = w.abs().amax(dim=1).clamp_min(_TINY) / pr
     Kp = cdiv(K, G) * G
-    u = torch.zeros(N, Kp)
+    u = torch.zeros(N, Kp, device=w.device)
     u[:, :K] = w / s1[:, None]
-    ip = torch.zeros(Kp)
+    ip = torch.zeros(Kp, device=w.device)
     ip[:K] = imp
     u = u.view(N, Kp // G, G)
     s2, z = _grid_params(u, ip.view(1, Kp // G, G))
     q = _grid_codes(u, s2[..., None], z[..., None])
     deq = ((q - z[..., None]) * s2[..., None]).view(N, Kp)[:, :K] * s1[:, None]
-    quant = _Quantizer(w, config, torch.ones(N))
+    quant = _Quantizer(w, config, torch.ones(N, device=w.device))
     quant.s1, quant.s2, quant.z2 = s1, s2, z
     return quant.build(q.view(N, Kp)[:, :K]), deq
