@@ -173,9 +173,13 @@ def weight_bytes(model, extra: int = 0) -> int:
     return storage_bytes(list(model.parameters()) + list(model.buffers())) + extra
 
 
-def run_method(name: str, fwd, model, a, device: str, weights: int) -> dict:
+def run_method(name: str, fwd, model, a, device: str, weights: int, recompile=None) -> dict:
+    """`recompile()`, if given, gives a freshly compiled forward for each batch size after the first."""
     rows = []
-    for batch in a.batches:
+    for i, batch in enumerate(a.batches):
+        if recompile is not None and i:
+            torch._dynamo.reset()
+            fwd = recompile()
         try:
             rows.append(decode(fwd, model, batch, a, device))
         except torch.OutOfMemoryError as e:
@@ -237,6 +241,7 @@ def main() -> None:
     p.add_argument("--recipe", default="qoq", help="qoq recipe (default qoq: W4A8 g128 + KV4)")
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--budget-gb", type=float, default=40.0)
+    p.add_argument("--recompile-per-batch", action="store_true", help="qoq: a fresh Dynamo compile per batch size")
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU, reference kernels, no Inductor")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -290,8 +295,13 @@ def main() -> None:
         elif method == "qoq":
             # release_fp_cache: the bench never resets its caches, so the FP StaticCache the KV4 pass
             # stopped reading can go (what KV4 saves); the weights' FP storage goes too.
-            fwd = compile_fwd("qoq", {"recipe": a.recipe, "release_fp_weights": True, "release_fp_cache": True})
-            res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0)
+            opts = {"recipe": a.recipe, "release_fp_weights": True, "release_fp_cache": True}
+            fwd = compile_fwd("qoq", opts)
+            # --recompile-per-batch: Dynamo compiles each batch size afresh (qoq replays the first
+            # quantization). Without it a batch-dynamic graph meets each new cache through qoq's
+            # per-cache recompile, which runs outside Dynamo: CUDA graphs then copy inputs (BENCHMARKS.md).
+            again = (lambda: compile_fwd("qoq", opts)) if a.recompile_per_batch else None
+            res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0, again)
             results.append(res)
             res.update(qoq_memory(model, a))
 
