@@ -184,7 +184,12 @@ def _channels_last_input(graph: fx.Graph, conv: fx.Node) -> fx.Node:
     for user in x.users:
         if user.meta.get("qoq_channels_last_of") is x:
             return user
-    with graph.inserting_after(x):
+    if x.op == "placeholder":   # graph inputs stay first: Inductor and AOTAutograd expect them so
+        first = next(n for n in graph.nodes if n.op != "placeholder")
+        where = graph.inserting_before(first)
+    else:
+        where = graph.inserting_after(x)
+    with where:
         view = graph.call_function(torch.movedim, (x, 1, -1))
     view.meta["qoq_channels_last_of"] = x
     if "example_value" in x.meta:

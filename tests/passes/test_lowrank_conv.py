@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from passes.lowrank import SVDQuantOptions, module_name
 from passes.match import find_linears
@@ -51,6 +53,41 @@ def test_only_true_1x1_convs_match_and_only_on_request():
     w = qg.weight(one.weight)
     assert torch.equal(one.weight_like_placeholder(one.weight_nk(w)), w)
     qg.gm.graph.lint()
+
+
+@settings(max_examples=8, deadline=None)
+@given(kernel=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       padding=st.sampled_from([0, 1]), groups=st.sampled_from([1, 2]), bias=st.booleans(),
+       rank=st.sampled_from([0, 4]), seed=st.integers(0, 2**31 - 1))
+def test_conv_matches_iff_it_is_a_linear_and_the_rewrite_keeps_shapes(
+        kernel, stride, padding, groups, bias, rank, seed):
+    """Any conv: matched exactly when it is 1x1, stride 1, unpadded, ungrouped; then the pass
+    rewrites it to the W4A4 ops and the output keeps the conv's shape, strides and (within the
+    4-bit error) its values."""
+    from passes.lowrank import svdquant_backend
+
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(8, 8, kernel, stride=stride, padding=padding, groups=groups, bias=bias)
+    x = torch.randn(2, 8, 5, 5)
+    qg = _capture(conv, x)
+    matched = find_linears(qg, conv1x1=True)
+    linear_like = kernel == 1 and stride == 1 and padding == 0 and groups == 1
+    assert len(matched) == int(linear_like)
+    kinds_seen = [n.op for n in qg.gm.graph.nodes]
+    assert "placeholder" not in kinds_seen[kinds_seen.index("call_function"):]
+    backend = svdquant_backend(SVDQuantOptions(rank=rank, alphas=(0.0, 0.5), betas=(0.0,),
+                                               max_iters=1, kernels="reference", skip=()))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ref = conv(x)
+        out = torch.compile(conv, backend=backend, fullgraph=True)(x)
+    assert out.shape == ref.shape and out.stride() == ref.stride()
+    kinds = [d.kind for d in backend.decisions]
+    assert kinds == (["lowrank"] if linear_like else [])
+    if linear_like:
+        assert float((out - ref).norm() / ref.norm()) < 0.25
+    else:
+        assert torch.equal(out, ref)
 
 
 def test_conv_linear_equivalence_of_the_channels_last_view():
