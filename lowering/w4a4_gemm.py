@@ -188,13 +188,17 @@ def _w4a4_gemm_kernel(
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
         lr_ptrs = LR + safe_m[:, None] * stride_lrm + offs_r[None, :]
-        lu_ptrs = LUP + offs_r[:, None] * stride_lur + safe_n[None, :]
+        # offs_n, not safe_n, with a mask: the clamped indices hide the contiguity along N from
+        # the compiler, which then loads L_up one 2-byte element at a time (32 loads a thread at
+        # BLOCK_N = 128; the sweep's per-tile branch cost grew with BLOCK_N).
+        lu_ptrs = LUP + offs_r[:, None] * stride_lur + offs_n[None, :]
+        lu_mask = mask_r[:, None] & mask_n[None, :]
         if LR_MODE == 2:
             # The branch first, as the starting value of the accumulator (in the main loop's
             # units: the loop sums 256·Σqa·qw, or 16· for unsigned activations).
             unit = 16.0 if A_UNSIGNED else 256.0
             lr = tl.load(lr_ptrs, mask=mask_r[None, :], other=0.0)
-            lu = tl.load(lu_ptrs, mask=mask_r[:, None], other=0.0)
+            lu = tl.load(lu_ptrs, mask=lu_mask, other=0.0)
             if LR_IEEE:
                 acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), input_precision="ieee")
             else:
@@ -222,7 +226,7 @@ def _w4a4_gemm_kernel(
     if HAS_LR and LR_MODE != 2:
         # The rank-r up-projection: r/(K/2) of the main loop's MACs, in 16-bit MMA.
         lr = tl.load(lr_ptrs, mask=mask_r[None, :], other=0.0)
-        lu = tl.load(lu_ptrs, mask=mask_r[:, None], other=0.0)
+        lu = tl.load(lu_ptrs, mask=lu_mask, other=0.0)
         if LR_MODE == 0:   # into the accumulator itself
             if LR_IEEE:
                 acc = tl.dot(lr.to(tl.float32), lu.to(tl.float32), acc, input_precision="ieee")
@@ -234,7 +238,7 @@ def _w4a4_gemm_kernel(
             else:
                 acc += tl.dot(lr, lu)
     if HAS_BIAS:
-        acc += tl.load(BIAS + safe_n).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(OUT + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
