@@ -38,7 +38,7 @@ VARIANTS: dict[str, dict | None] = {
     "w4a8-g128 + grid search": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "kv_bits": 16},
     "w4a8-g128 + grid + gptq": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "gptq": True,
                                 "kv_bits": 16},
-    "qoq (W4A8, KV16)": {"recipe": "qoq", "kv_bits": 16},
+    "qoq (W4A8 KV16)": {"recipe": "qoq", "kv_bits": 16},
     "qoq + gptq (KV16)": {"recipe": "qoq", "gptq": True, "kv_bits": 16},
     "qoq + rotate (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16},
     "qoq-chn (KV16)": {"recipe": "qoq-chn", "kv_bits": 16},
