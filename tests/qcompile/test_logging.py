@@ -13,7 +13,7 @@ from qcompile.debug import configure_logging
 from qcompile.fallback import QoQFallbackWarning, reset_warnings, warn_once
 from qcompile.progress import is_quiet, progress
 
-_OPTS = {"inductor": False, "kernels": "reference"}
+_OPTS = {"recipe": "w4a8-g128", "inductor": False, "kernels": "reference"}  # the pass list below is this recipe's
 
 
 def _compile_once(options: dict) -> nn.Module:
