@@ -64,6 +64,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         # that happens to get a dead one's id
         if hit is None or not all(ref() is a for ref, a in zip(hit[0], pick(args))):
             log.info("qoq: graph reused for other weights or another KV cache; compiling for them")
+            # variants of dropped tensors go: their graphs hold KV4 buffers as large as the cache was
+            for dead in [k for k, (refs, _) in variants.items() if any(r() is None for r in refs)]:
+                del variants[dead]
             # this call's inputs, all of them: a graph dynamic in the batch gets a cache of this batch
             hit = ([weakref.ref(a) for a in pick(args)], compile_graph(_copy_graph_module(pristine), list(args), config))
             variants[key] = hit
