@@ -81,10 +81,18 @@ _ORDER = itertools.count()
 _BY_PARAM: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _version_of(t: torch.Tensor) -> int:
+    """The tensor's in-place update counter; -1 for inference tensors, which keep none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def remember(data: ArtifactData, params: list[torch.Tensor]) -> None:
     order = next(_ORDER)
     for p in params:
-        _BY_PARAM.setdefault(p, []).append((order, data, p._version))
+        _BY_PARAM.setdefault(p, []).append((order, data, _version_of(p)))
 
 
 def records_for(params, unchanged: bool = False) -> Optional[ArtifactData]:
@@ -97,7 +105,7 @@ def records_for(params, unchanged: bool = False) -> Optional[ArtifactData]:
     for p in params:
         for order, data, version in _BY_PARAM.get(p, []):
             seen[order] = data
-            if p._version != version:
+            if _version_of(p) != version:
                 stale.add(order)
     if unchanged:
         seen = {order: data for order, data in seen.items() if order not in stale}
