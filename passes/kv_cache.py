@@ -1,6 +1,8 @@
-"""The KV-cache pass: a static-cache write plus the SDPA that reads that cache -> qoq.kv4_append and
-qoq.kv4_attention over packed KV4 buffers. The FP cache tensors (graph inputs) are then neither
-written nor read; every graph compiled against the same cache shares one set of KV4 buffers.
+"""The KV-cache pass: a static-cache write plus the SDPA that reads that cache -> qoq.kv4_cache_append and
+qoq.kv4_cache_attention over packed KV4 buffers. The FP cache tensors (graph inputs) are then neither
+written nor read: the ops take them only to find the KV4 buffers standing for them at run time, so
+every graph (prefill, decode, a batch-dynamic recompile) and every cache its guards accept meets its
+own cache's buffers without a compile per cache.
 
 Spellings matched (transformers' StaticCache, 4.x and 5.x): the write is `cache.index_copy_(2, pos, x)`,
 `cache[:, :, pos] = x` (operator.setitem, pos a tensor or a slice) or `aten.index_put_(cache, [None, None, pos], x)`;
@@ -12,15 +14,14 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-import lowering.kv4_append  # noqa: F401  (registers torch.ops.qoq.kv4_append)
-import lowering.kv4_attention  # noqa: F401  (registers torch.ops.qoq.kv4_attention)
+import lowering.kv4_cache  # noqa: F401  (registers torch.ops.qoq.kv4_cache_append / kv4_cache_attention)
 from qcompile.capture import QGraph
-from runtime.kv_cache import KV4LayerBuffers, kv4_buffers_for, release_storage
+from runtime.kv_cache import kv4_buffers_for, release_storage
 from runtime.registry import LayerRecord
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -43,7 +44,7 @@ class KVCacheResult:
     records: list[LayerRecord] = field(default_factory=list)  # one per rewritten or skipped attention
     rewritten: int = 0
     released: list[str] = field(default_factory=list)  # FP cache placeholders whose storage was freed
-    dead_cache_inputs: list[str] = field(default_factory=list)  # placeholders no longer read or written
+    dead_cache_inputs: list[str] = field(default_factory=list)  # placeholders only used to find KV4 buffers
 
 
 def _val(node: Any) -> Optional[torch.Tensor]:
@@ -172,12 +173,11 @@ def _example(qgraph: QGraph, placeholder: fx.Node) -> Optional[torch.Tensor]:
 
 def kv_cache(
     qgraph: QGraph, kernels: str = "auto", release_fp_cache: bool = False,
-    buffers_for: Callable[[torch.Tensor, torch.Tensor], KV4LayerBuffers] = kv4_buffers_for,
 ) -> KVCacheResult:
     """Rewrite every (static-cache write, SDPA over that cache) pair of the graph into KV4 ops.
 
-    `buffers_for(fp_keys, fp_values)` gives the packed buffers standing for one layer's FP cache
-    (default: shared per FP tensor, so prefill and decode graphs meet in the same buffers).
+    The packed buffers standing for one layer's FP cache are kept per FP tensor (runtime/kv_cache), so
+    prefill and decode graphs meet in the same buffers; the example cache's are made here.
     `release_fp_cache` frees the FP caches' storage (shape/stride kept for Dynamo's guards); off by
     default because transformers' `StaticCache.reset()` zeroes those tensors.
     """
@@ -261,19 +261,16 @@ def kv_cache(
             continue
 
         # -- rewrite ------------------------------------------------------------------------------
-        bufs = buffers_for(fp_k, fp_v)
-        first = next(n for n in graph.nodes if n.op != "placeholder")
-        consts = [qgraph.add_constant(f"kv4.{kc.name}.{part}", t, before=first)
-                  for part, t in zip(("k_data", "k_meta", "v_data", "v_meta"), bufs.tensors())]
+        bufs = kv4_buffers_for(fp_k, fp_v)  # made now, outside any CUDA-graph capture
         later = kw.node if order[kw.node] > order[vw.node] else vw.node
         pos = _positions(graph, kw.pos, fp_k.device, before=later)
         with graph.inserting_after(later):
-            append = graph.call_function(torch.ops.qoq.kv4_append.default,
-                                         (kw.src, vw.src, *consts, pos, kernels))
+            append = graph.call_function(torch.ops.qoq.kv4_cache_append.default,
+                                         (kw.src, vw.src, kc, vc, pos, kernels, release_fp_cache))
         with graph.inserting_before(node):
             attn = graph.call_function(
-                torch.ops.qoq.kv4_attention.default,
-                (parts["q"], *consts, pos, parts["mask"], parts["scale"], kernels))
+                torch.ops.qoq.kv4_cache_attention.default,
+                (parts["q"], kc, vc, append, pos, parts["mask"], parts["scale"], kernels, release_fp_cache))
         attn.meta.update({k: v for k, v in node.meta.items()
                           if k in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack")})
         node.replace_all_uses_with(attn)

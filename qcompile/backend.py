@@ -36,17 +36,15 @@ def qoq_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -> Callable:
-    """Compile `gm` for the weights (and KV caches) in `example_inputs`; the returned runner checks, on
-    every call, that it gets those very tensors. Dynamo reuses a graph for another module instance of
-    the same code (regional compilation of repeated blocks), and for another cache of a shape its
-    guards accept (a dynamic batch): the packed weights and KV4 buffers baked into this graph belong
-    to the first ones, so other tensors get their own compile (replaying the same quantization),
-    never the first one's numbers or cache."""
+    """Compile `gm` for the weights in `example_inputs`; the returned runner checks, on every call,
+    that it gets those very tensors. Dynamo reuses a graph for another module instance of the same
+    code (regional compilation of repeated blocks): the packed weights baked into this graph belong
+    to the first one, so other weights get their own compile (replaying the same quantization), never
+    the first one's numbers. KV caches need no such check: the KV4 ops find each cache's buffers at
+    run time (lowering/kv4_cache.py)."""
     pristine = _copy_graph_module(gm)
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    fn, record = _compile_once(gm, example_inputs, config)
-    indices = sorted({w.index for w in capture(pristine, example_inputs).weights.values()}
-                     | {placeholders.index(name) for name in _kv4_cache_inputs(record)})
+    fn, _ = _compile_once(gm, example_inputs, config)
+    indices = sorted({w.index for w in capture(pristine, example_inputs).weights.values()})
     if not indices:
         return fn
     variants: dict[tuple, tuple[list, Callable]] = {}
@@ -60,25 +58,18 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
             return fn(*args)
         key = tuple(map(id, pick(args)))
         hit = variants.get(key)
-        # weak references: a variant must not keep a dropped cache alive, nor serve a new tensor
+        # weak references: a variant must not keep dropped weights alive, nor serve a new tensor
         # that happens to get a dead one's id
         if hit is None or not all(ref() is a for ref, a in zip(hit[0], pick(args))):
-            log.info("qoq: graph reused for other weights or another KV cache; compiling for them")
-            # variants of dropped tensors go: their graphs hold KV4 buffers as large as the cache was
+            log.info("qoq: graph reused for other weights; compiling for them")
+            # variants of dropped weights go: their graphs hold packed copies
             for dead in [k for k, (refs, _) in variants.items() if any(r() is None for r in refs)]:
                 del variants[dead]
-            # this call's inputs, all of them: a graph dynamic in the batch gets a cache of this batch
             hit = ([weakref.ref(a) for a in pick(args)], compile_graph(_copy_graph_module(pristine), list(args), config))
             variants[key] = hit
         return hit[1](*args)
 
     return run
-
-
-def _kv4_cache_inputs(record: GraphRecord) -> list[str]:
-    """Placeholder names of the FP caches whose reads and writes the KV4 pass moved to its buffers."""
-    return [name for layer in record.layers if layer.kind == "attention" and layer.quantized
-            for name in layer.details.get("cache_inputs", ())]
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -1,4 +1,4 @@
-"""passes/kv_cache: static-cache writes + SDPA -> qoq.kv4_append / qoq.kv4_attention, on Dynamo graphs of
+"""passes/kv_cache: static-cache writes + SDPA -> qoq.kv4_cache_append / qoq.kv4_cache_attention, on Dynamo graphs of
 a small transformers Llama with StaticCache and of small functions in each write/GQA spelling."""
 from __future__ import annotations
 
@@ -79,12 +79,14 @@ def test_llama_static_cache_is_rewritten_and_matches_eager_kv4():
     for r, gm in zip(backend.results, backend.graphs):
         assert r.rewritten == 2 and all(rec.quantized for rec in r.records)
         ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        assert ops.count(torch.ops.qoq.kv4_append.default) == 2
-        assert ops.count(torch.ops.qoq.kv4_attention.default) == 2
+        assert ops.count(torch.ops.qoq.kv4_cache_append.default) == 2
+        assert ops.count(torch.ops.qoq.kv4_cache_attention.default) == 2
         assert F.scaled_dot_product_attention not in ops and torch._C._nn.scaled_dot_product_attention not in ops
         assert not any(n.op == "call_method" and n.target == "index_copy_" for n in gm.graph.nodes)
-        for name in r.dead_cache_inputs:
-            assert not next(n for n in gm.graph.nodes if n.name == name).users
+        for name in r.dead_cache_inputs:  # the FP cache only leads the KV4 ops to their buffers
+            users = next(n for n in gm.graph.nodes if n.name == name).users
+            assert users and all(u.target in (torch.ops.qoq.kv4_cache_append.default,
+                                              torch.ops.qoq.kv4_cache_attention.default) for u in users)
     # the compiled graph computes what the eager KV4 cache computes (both: attention over dequantized KV4)
     assert max(diffs) < 1e-5, diffs
     # and the FP cache was neither written nor read: prefill and decode met in the shared KV4 buffers
@@ -244,3 +246,25 @@ def test_cache_created_inside_the_graph_is_reported():
     r = backend.results[0]
     assert r.rewritten == 0
     assert len(r.records) == 1 and "early_initialization" in r.records[0].reason
+
+
+def test_a_new_cache_reuses_the_graph_and_gets_its_own_buffers():
+    """Dynamo reuses a graph for another cache its guards accept; the KV4 ops find that cache's buffers
+    at run time, so no compile per cache and no writes into the first cache's buffers."""
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        return _read_repeat_kv(q, kc, vc, None)
+
+    q, k, v, kc, vc, pos = _args()
+    backend = _Backend(kernels="reference")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    compiled(q, k, v, kc, vc, pos)
+    first = kv4_buffers_for(kc, vc).k_data.clone()
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    out = compiled(q, 2 * k, v, kc2, vc2, pos)
+    assert len(backend.results) == 1
+    assert torch.equal(kv4_buffers_for(kc, vc).k_data, first)  # the first cache is untouched
+    caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
+    kv4_append(2 * k, v, *caches, pos, kernels="reference")
+    torch.testing.assert_close(out, kv4_attention(q, *caches, pos, None, 0.3, kernels="reference"))

@@ -44,6 +44,6 @@ def test_qoq_recipe_rewrites_the_static_cache_to_kv4():
     with torch.no_grad():
         out = compiled(ids, past_key_values=cache, cache_position=torch.arange(12)).logits
     rec = graphs_for(compiled)[-1]
-    assert rec.qoq_ops.get("qoq.kv4_append") == 2 and rec.qoq_ops.get("qoq.kv4_attention") == 2
+    assert rec.qoq_ops.get("qoq.kv4_cache_append") == 2 and rec.qoq_ops.get("qoq.kv4_cache_attention") == 2
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert float(cos) > 0.9
