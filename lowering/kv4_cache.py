@@ -17,11 +17,13 @@ import torch
 
 from lowering.kv4_append import kv4_append
 from lowering.kv4_attention import kv4_attention
-from runtime.kv_cache import KV4LayerBuffers, kv4_buffers_for, kv4_buffers_of, release_storage
+# runtime.kv_cache imports lowering (the format helpers); binding the module, not its names, keeps
+# either import order working.
+import runtime.kv_cache as runtime_kv
 
 
-def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: bool) -> KV4LayerBuffers:
-    bufs = kv4_buffers_of(fp_keys)
+def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: bool) -> "runtime_kv.KV4LayerBuffers":
+    bufs = runtime_kv.kv4_buffers_of(fp_keys)
     if bufs is not None:
         return bufs
     if fp_keys.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -30,10 +32,10 @@ def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: b
             "would live in the graph's private memory pool. Run one step without capture first (torch.compile's "
             "cudagraph trees warm up before capturing; a hand-made torch.cuda.graph needs a warm-up call)."
         )
-    bufs = kv4_buffers_for(fp_keys, fp_values)
+    bufs = runtime_kv.kv4_buffers_for(fp_keys, fp_values)
     if release_fp_cache:
-        release_storage(fp_keys)
-        release_storage(fp_values)
+        runtime_kv.release_storage(fp_keys)
+        runtime_kv.release_storage(fp_values)
     return bufs
 
 
