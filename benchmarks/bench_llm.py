@@ -229,6 +229,33 @@ def qoq_memory(model, a) -> dict:
     }
 
 
+def measured_roofs() -> dict:
+    """This GPU's copy bandwidth (bytes/s, read + write) and int8 tensor-core rate (`torch._int_mm`
+    at 8192^3, op/s), measured now: the floors below use them, not data-sheet figures."""
+    from triton.testing import do_bench
+
+    from benchmarks.bench_attention import copy_bandwidth
+
+    a = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda")
+    b = torch.randint(-128, 127, (8192, 8192), dtype=torch.int8, device="cuda").t()
+    ms = do_bench(lambda: torch._int_mm(a, b), warmup=25, rep=200, return_mode="median")
+    return {"copy_Bps": copy_bandwidth(), "int8_ops": 2 * 8192 ** 3 / (ms * 1e-3)}
+
+
+def qoq_floor_ms(model, batch: int, pos: int, packed_bytes: int, kv_bits: float, roofs: dict) -> float:
+    """The decode step's floor for qoq: bytes a step must read (packed linears, the 16-bit lm_head,
+    the KV cache up to `pos`) at the copy bandwidth, or the GEMMs' ops at the int8 rate, whichever
+    is longer (a roofline: both cannot be beaten at once)."""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    head = model.lm_head.weight
+    lm_bytes = head.numel() * head.element_size()
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (pos + 1) * kv_bits / 8 * batch
+    linear_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.") and n.endswith("proj.weight"))
+    ops = 2 * batch * (linear_params + head.numel())
+    return 1e3 * max((packed_bytes + lm_bytes + kv_bytes) / roofs["copy_Bps"], ops / roofs["int8_ops"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=32)
@@ -257,6 +284,8 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "layers": a.layers, "prompt": a.prompt, "gen": a.gen,
             "steps": a.steps, "mode": a.mode, "recipe": a.recipe, "build_s": round(time.perf_counter() - t0, 1)}
+    roofs = {} if device == "cpu" else measured_roofs()
+    info.update({k: float(f"{v:.4g}") for k, v in roofs.items()})
     print(info, flush=True)
     results = []
 
@@ -304,6 +333,12 @@ def main() -> None:
             res = run_method(f"qoq {a.recipe}", fwd, model, a, device, 0, again)
             results.append(res)
             res.update(qoq_memory(model, a))
+            if roofs:
+                for row in res["rows"]:
+                    if "step_ms" in row:
+                        row["floor_ms"] = round(qoq_floor_ms(model, row["batch"], a.prompt + a.warmup + a.steps // 2,
+                                                             res["packed_GiB"] * GiB, res["kv_bits_per_element"], roofs), 3)
+                        row["x_floor"] = round(row["step_ms"] / row["floor_ms"], 2)
 
     def write_json() -> None:
         if a.out:
@@ -326,7 +361,7 @@ def main() -> None:
         write_json()  # after each method: a run cut short still leaves its rows
     base = {r["batch"]: r for r in results[0]["rows"]} if results else {}
     print(f"\n{info['device']}, {a.layers} layers, prompt {a.prompt}, {a.steps} timed steps, mode {a.mode}, {info['date']}")
-    print(f"{'method':<16} {'batch':>5} {'step ms':>9} {'tok/s':>9} {'x bf16':>7} {'1st call s':>10} {'weights GiB':>11} {'max B@40GB':>10}")
+    print(f"{'method':<16} {'batch':>5} {'step ms':>9} {'tok/s':>9} {'x bf16':>7} {'1st call s':>10} {'weights GiB':>11} {'max B@40GB':>10} {'floor ms':>9} {'x floor':>6}")
     for r in results:
         for row in r["rows"]:
             if "error" in row:
@@ -334,8 +369,9 @@ def main() -> None:
                 continue
             b = base.get(row["batch"], {})
             ratio = b["step_ms"] / row["step_ms"] if "step_ms" in b else float("nan")
+            floor = f"{row['floor_ms']:>9.3f} {row['x_floor']:>6.2f}" if "floor_ms" in row else ""
             print(f"{r['method']:<16} {row['batch']:>5} {row['step_ms']:>9.3f} {row['tokens_per_s']:>9.1f} {ratio:>7.2f} "
-                  f"{row['first_call_s']:>10.1f} {r['weights_GiB']:>11.2f} {r['max_batch_in_budget']:>10}")
+                  f"{row['first_call_s']:>10.1f} {r['weights_GiB']:>11.2f} {r['max_batch_in_budget']:>10} {floor}")
     for r in results:
         if "packed_GiB" in r:
             print(f"{r['method']}: {r['quantized_layers']} layers quantized, FP storage released for {r['released']}; "
