@@ -57,6 +57,12 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
     if config.kv_bits == 4:
         from passes.kv_cache import kv_cache
 
+        if config.rotate_kv:  # before kv_cache: it then quantizes the rotated K and V
+            from passes.rotate_kv import rotate_kv
+
+            with pass_stage("rotate_kv", qgraph.gm):
+                rotate_kv(qgraph)
+
         with pass_stage("kv_cache", qgraph.gm):
             record.layers.extend(kv_cache(qgraph, kernels=config.kernels, release_fp_cache=config.release_fp_cache).records)
     finish_graph(qgraph, record)

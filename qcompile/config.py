@@ -34,6 +34,7 @@ class QoQConfig:
     smooth_attention_alpha: float = 0.5
     reorder: bool = False  # activation-aware input-channel reordering (group quantization only)
     rotate: bool = False  # Hadamard rotation of the block inputs
+    rotate_kv: bool = False  # online Hadamard rotation of q/K and V around the KV4 cache (kv_bits=4 only)
     gptq: bool = False  # GPTQ weight rounding (Hessian from calibration rows)
     clip_search: bool = False  # per-output-channel clipping ratio search
     artifact: Optional[str] = None  # folder written by qcompile.save: compile from it, no calibration
@@ -83,7 +84,7 @@ _ALLOWED: dict[str, tuple] = {
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
                 "artifact", "skip_layers", "protective_range", "release_fp_weights", "release_fp_cache")
-_PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "gptq", "clip_search")
+_PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "rotate_kv", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
 _OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
 

@@ -1,0 +1,175 @@
+"""KV rotation (QuaRot-style) for the 4-bit KV cache: an orthogonal H over head_dim (a Hadamard with
+random signs for powers of two) applied online to what attention reads from a static cache.
+
+- K and q after RoPE: attention only sees q·kᵀ, and (q H)(k H)ᵀ = q kᵀ, so the key written into the
+  cache becomes k H and the query q H. RoPE's pair rotations do not commute with H, which is why this
+  cannot be folded into q_proj / k_proj rows and is two small matmuls in the graph instead.
+- V: the value written into the cache becomes v H, and attention's output is multiplied by Hᵀ
+  (softmax · (v H) · Hᵀ = softmax · v).
+
+Why: the KV4 format quantizes each (token, head) vector over head_dim with one asymmetric uint4 grid,
+so a few large channels (K's outlier channels, measured on SmolLM2: most of the KV4 loss is K's)
+stretch the step for all the others. H spreads each vector's energy evenly over head_dim. The FP
+function is kept (up to float rounding); only the 4-bit cache benefits, so the manager runs this pass
+only when kv_bits == 4, just before the kv_cache pass, which then finds the same write / SDPA pattern
+with the rotated tensors as the written source and the query.
+
+Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
+pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both
+the writes and the reads, and the rule "rotate each written cache and its readers" gives the same
+answer in every one of them. H depends on head_dim only (fixed seed), so all graphs agree.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from passes.rotate import rotation_matrix
+from qcompile.capture import QGraph
+
+_SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+# Ops between a cache and SDPA's key/value operand that only move whole head_dim vectors around (GQA
+# expansion, slicing of slots, views); in-place writes return the cache itself.
+_CHAIN_METHODS = {"expand", "reshape", "view", "contiguous", "repeat_interleave", "index_copy_", "index_put_"}
+_CHAIN_FUNCS = {operator.getitem, torch.reshape, torch.repeat_interleave, torch.ops.aten.index_put_.default,
+                torch.ops.aten.index_put_}
+_WRITE_METHODS = {"index_copy_": 3, "index_put_": 2}  # method -> position of the written source
+_WRITE_FUNCS = {operator.setitem: 2, torch.ops.aten.index_put_.default: 2, torch.ops.aten.index_put_: 2}
+ROTATION_SEED = 0x4B56  # "KV": one H per head_dim for every graph and every process
+
+
+@dataclass
+class RotateKVResult:
+    rotated: list[str] = field(default_factory=list)  # SDPA node names whose q, K and V were rotated
+    skipped: dict[str, str] = field(default_factory=dict)  # SDPA node name -> why it was left alone
+
+
+def kv_rotation(head_dim: int) -> torch.Tensor:
+    """The orthogonal [D, D] used for K, q and V of every attention with this head_dim."""
+    return rotation_matrix(head_dim, seed=ROTATION_SEED)
+
+
+def rotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ h in float32 (a bf16 H would not be orthogonal enough), back in x's dtype."""
+    return (x.float() @ h).to(x.dtype)
+
+
+def unrotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ hᵀ in float32: undoes `rotate_rows` (h is orthogonal)."""
+    return (x.float() @ h.t()).to(x.dtype)
+
+
+def _val(node) -> Optional[torch.Tensor]:
+    if isinstance(node, fx.Node):
+        v = node.meta.get("example_value", node.meta.get("val"))
+        return v if isinstance(v, torch.Tensor) else None
+    return None
+
+
+def _arg(node: fx.Node, i: int, name: str):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+
+def _cache_behind(node, weights: set[str]) -> Optional[fx.Node]:
+    """The 4-D non-weight graph input that SDPA's key/value operand reads through view-like ops."""
+    cur = node
+    for _ in range(16):
+        if not isinstance(cur, fx.Node):
+            return None
+        if cur.op == "placeholder":
+            v = _val(cur)
+            return cur if cur.name not in weights and v is not None and v.dim() == 4 else None
+        if cur.op == "call_method" and cur.target in _CHAIN_METHODS or cur.op == "call_function" and cur.target in _CHAIN_FUNCS:
+            cur = cur.args[0]
+            continue
+        return None
+    return None
+
+
+def _writes(cache: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(write node, index of the written source in its args) for each in-place write into `cache`."""
+    out = []
+    for u in cache.users:
+        if not u.args or u.args[0] is not cache:
+            continue
+        if u.op == "call_method" and u.target in _WRITE_METHODS:
+            out.append((u, _WRITE_METHODS[u.target]))
+        elif u.op == "call_function" and u.target in _WRITE_FUNCS:
+            out.append((u, _WRITE_FUNCS[u.target]))
+    return out
+
+
+def _plan(node: fx.Node, weights: set[str]) -> tuple[Optional[tuple], str]:
+    """(kc, vc, writes of kc, writes of vc, D) for one SDPA, or None and why it is not rotated."""
+    q, k, v = (_arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    qv = _val(q)
+    kc, vc = _cache_behind(k, weights), _cache_behind(v, weights)
+    if kc is None or vc is None or kc is vc:
+        return None, "key/value are not read from a KV cache (nothing is quantized to 4 bits there)"
+    kw, vw = _writes(kc), _writes(vc)
+    if not kw or not vw:
+        return None, "the K/V caches are not written in this graph"
+    d = qv.shape[-1] if qv is not None and qv.dim() == 4 else None
+    if d is None or any(_val(w.args[i]) is None or _val(w.args[i]).shape[-1] != d for w, i in kw + vw):
+        return None, "the written K/V or the query are not [.., head_dim] tensors of one head_dim"
+    return (kc, vc, kw, vw, int(d)), ""
+
+
+def rotate_kv(qgraph: QGraph) -> RotateKVResult:
+    """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph."""
+    graph = qgraph.gm.graph
+    weights = set(qgraph.weights)
+    result = RotateKVResult()
+    sdpas = [n for n in graph.nodes if n.op == "call_function" and n.target in _SDPA]
+    plans = {}
+    for node in sdpas:
+        plan, why = _plan(node, weights)
+        if plan is None:
+            result.skipped[node.name] = why
+        else:
+            plans[node] = plan
+    caches = {c for p in plans.values() for c in p[:2]}
+    for node in sdpas:
+        if node not in plans and any(_cache_behind(_arg(node, i, n), weights) in caches for i, n in ((1, "key"), (2, "value"))):
+            # Rotating a cache one of its readers cannot follow would change that reader's result.
+            result.skipped = {n.name: f"{node.name} reads a rotated cache but cannot be rotated: {result.skipped[node.name]}"
+                              for n in sdpas}
+            return result
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    consts: dict[int, fx.Node] = {}
+    done: set[fx.Node] = set()  # caches whose writes are rotated already (read by several SDPAs)
+    for node, (kc, vc, kw, vw, d) in plans.items():
+        q = _arg(node, 0, "query")
+        if d not in consts:
+            h = kv_rotation(d).to(_val(q).device)
+            # "kv4." stems are runtime state to an artifact: its replay re-runs this pass and makes H again.
+            consts[d] = qgraph.add_constant(f"kv4.rotate_kv.h{d}", h, before=first)
+        hn = consts[d]
+        for cache, writes in ((kc, kw), (vc, vw)):
+            if cache in done:
+                continue
+            done.add(cache)
+            for w, i in writes:
+                src = w.args[i]
+                with graph.inserting_before(w):
+                    rot = graph.call_function(rotate_rows, (src, hn))
+                rot.meta["example_value"] = _val(src)
+                w.update_arg(i, rot)
+        with graph.inserting_before(node):
+            qrot = graph.call_function(rotate_rows, (q, hn))
+        qrot.meta["example_value"] = _val(q)
+        node.replace_input_with(q, qrot)
+        with graph.inserting_after(node):
+            back = graph.call_function(unrotate_rows, (node, hn))
+        back.meta.update({key: val for key, val in node.meta.items() if key in ("example_value", "val")})
+        # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        result.rotated.append(node.name)
+    if result.rotated:
+        graph.lint()
+        qgraph.gm.recompile()
+    return result

@@ -1,0 +1,105 @@
+"""passes/rotate_kv: q, K and V rotated around a static KV cache keep the FP output (prefill and decode,
+Llama and Qwen2 with GQA), H is orthogonal, the kv_cache pass still matches the rotated graph, and the
+rotation does shrink KV4's error on keys with outlier channels."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import StaticCache
+
+from lowering.kv4_append import kv4_dequantize, kv4_quantize
+from passes.kv_cache import kv_cache
+from passes.rotate_kv import kv_rotation, rotate_kv
+from qcompile.capture import capture
+from tests.passes.models import make_model
+
+L = 24
+
+
+class _Backend:
+    """Runs rotate_kv (then, if asked, the kv_cache pass) on every graph and keeps the results."""
+
+    def __init__(self, then_kv4: bool = False):
+        self.then_kv4, self.results, self.kv = then_kv4, [], []
+
+    def __call__(self, gm, example_inputs):
+        qg = capture(gm, example_inputs)
+        self.results.append(rotate_kv(qg))
+        if self.then_kv4:
+            self.kv.append(kv_cache(qg, kernels="reference"))
+        return qg.gm.forward
+
+
+def _run(model, backend, prompt: int = 6, steps: int = 2, seed: int = 0):
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    caches = []
+    for _ in range(2):
+        c = StaticCache(cfg, max_cache_len=L)
+        c.early_initialization(batch_size=1, num_heads=cfg.num_key_value_heads, head_dim=head_dim,
+                               dtype=torch.float32, device="cpu")
+        caches.append(c)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ids = torch.randint(0, 96, (1, prompt), generator=torch.Generator().manual_seed(seed))
+    errs = []
+    with torch.no_grad():
+        nxt = ids
+        for _ in range(steps + 1):
+            a = compiled(nxt, past_key_values=caches[0]).logits
+            b = model(nxt, past_key_values=caches[1]).logits
+            errs.append(float((a - b).norm() / b.norm()))
+            nxt = b[:, -1:].argmax(-1)
+    return errs
+
+
+@settings(max_examples=5, deadline=None)
+@given(kind=st.sampled_from(["llama", "qwen2"]), seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 2, 4]))
+def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads):
+    model = make_model(kind, seed=seed, kv_heads=kv_heads)
+    backend = _Backend()
+    errs = _run(model, backend, seed=seed)
+    assert max(errs) < 1e-5, errs
+    assert backend.results and all(len(r.rotated) == 2 and not r.skipped for r in backend.results), backend.results
+
+
+def test_kv_cache_pass_still_rewrites_the_rotated_graph():
+    model = make_model("llama", seed=3, kv_heads=2)
+    backend = _Backend(then_kv4=True)
+    errs = _run(model, backend)
+    assert all(r.rewritten == 2 for r in backend.kv), [r.records for r in backend.kv]
+    assert max(errs) < 0.1, errs  # now with K/V read back from the 4-bit cache
+
+
+def test_attention_without_cache_is_left_alone():
+    from tests.passes.models import capture_model
+
+    qg = capture_model(make_model("llama", seed=0), torch.randint(0, 96, (1, 8)))
+    before = qg.gm.code
+    r = rotate_kv(qg)
+    assert not r.rotated and len(r.skipped) == 2 and "not read from a KV cache" in next(iter(r.skipped.values()))
+    assert qg.gm.code == before
+
+
+@pytest.mark.parametrize("d", [16, 64, 80, 128])
+def test_rotation_is_orthogonal_and_fixed(d):
+    h = kv_rotation(d)
+    assert torch.allclose(h @ h.t(), torch.eye(d), atol=1e-5)
+    assert torch.equal(h, kv_rotation(d))  # every graph and process must agree
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), outliers=st.integers(1, 4))
+def test_rotation_shrinks_kv4_error_of_outlier_channels(seed, outliers):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(256, 64, generator=g)
+    k[:, :outliers] *= 30  # a few large channels, as in real keys
+    h = kv_rotation(64)
+
+    def err(x):
+        return float((kv4_dequantize(*kv4_quantize(x)) - x).pow(2).sum())
+
+    # the error of k itself, measured after undoing the rotation (H is orthogonal: same norm)
+    assert err(k @ h) < 0.5 * err(k)
