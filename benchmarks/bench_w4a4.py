@@ -1,15 +1,20 @@
 """W4A4 (SVDQuant) GEMM at Flux shapes: the rank-32 low-rank branch fused in the epilogue vs the
-same GEMM without it vs cuBLAS bf16, with the activation quantization and a roofline floor.
+same GEMM without it vs cuBLAS bf16, torch._int_mm and a plain Triton int8 GEMM (the int8 peak a
+Triton kernel reaches on the shape), with the activation quantization and a roofline floor.
 
     pip install --no-deps -e . && python benchmarks/bench_w4a4.py results/w4a4.json [--quick]
+    python benchmarks/bench_w4a4.py out.json --sweep --configs-out w4a4-<gpu>.json   # tune, store
 
-Prints a table and writes the rows as JSON. Target (issue 4): the fused branch adds at most 15%.
+Prints a table and writes the rows as JSON. Targets: the fused branch adds at most 15% (issue 4);
+W4A4 + branch at M = 4096 at least 1.3x cuBLAS bf16 (issue 6).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
+import os
 import sys
 import time
 
@@ -17,9 +22,14 @@ import torch
 import triton
 import triton.testing
 
-from lowering.w4a4_activation_quant import triton_quantize_act
-from lowering.w4a4_gemm import (
-    GPU_CONFIGS, _w4a4_gemm_kernel, _w4a4_gemm_tuned, quantize_weight, reference, triton_gemm,
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_gemm import INT8_CONFIGS, triton_int8_gemm  # noqa: E402  (the plain int8 GEMM)
+from lowering.w4a4_activation_quant import triton_quantize_act  # noqa: E402
+from lowering.w4a4_gemm import (  # noqa: E402
+    CONFIG_FIELDS, GPU_CONFIGS, _w4a4_gemm_kernel, m_bucket, quantize_weight, reference,
+    triton_gemm, tuned_config,
 )
 
 # Flux.1 transformer linears: (name, N, K). Double-stream blocks: q/k/v/out 3072x3072, MLP
@@ -47,8 +57,20 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
 
 
+def int8_peer(m: int, n: int, k: int) -> float | None:
+    """The plain Triton int8 GEMM (benchmarks/bench_gemm.py's comparison kernel) on [m, k] x
+    [n, k]: fastest of its configs, in ms. None off the GPU (its loop has no K mask)."""
+    if DEVICE != "cuda":
+        return None
+    x8 = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=DEVICE)
+    w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=DEVICE)
+    return min(bench(lambda c=c: triton_int8_gemm(x8, w8, c)) for c in INT8_CONFIGS
+               if k % c["BLOCK_K"] == 0)
+
+
 def measure_ceilings() -> dict:
-    """Bandwidth (device-to-device copy) and int8 MMA peak (torch._int_mm), in this run."""
+    """Bandwidth (device-to-device copy) and int8 MMA peak (torch._int_mm and the plain Triton
+    int8 GEMM at 8192^3), in this run."""
     size = 1 << 30 if DEVICE == "cuda" else 1 << 20
     src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -60,11 +82,14 @@ def measure_ceilings() -> dict:
     ms = bench(lambda: torch._int_mm(a, b))
     peak = 2 * n**3 / (ms * 1e-3)
     del src, dst, a, b
-    return {"bandwidth_Bps": bw, "int8_peak_ops": peak}
+    t8 = int8_peer(n, n, n)
+    return {"bandwidth_Bps": bw, "int8_peak_ops": peak,
+            "triton_int8_peak_ops": 2 * n**3 / (t8 * 1e-3) if t8 else None}
 
 
-def check(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Numbers before speed: both unpack paths give the same bits, and match the reference."""
+def check(m: int, n: int, k: int, dtype: torch.dtype, cfg: dict | None) -> dict:
+    """Numbers before speed: the inline-PTX and pure-Triton unpacks, the two k-orders and the two
+    int->float conversions give the same bits, and the result matches the reference."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(m, k, device=DEVICE, dtype=dtype, generator=g)
     w = torch.randn(n, k, device=DEVICE, generator=g) * 0.02
@@ -73,23 +98,25 @@ def check(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     bias = torch.randn(n, device=DEVICE, generator=g).to(dtype)
     wp, ws = quantize_weight(w)
     a, sa, lr = triton_quantize_act(x, None, ld)
+    run = lambda **kw: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, config=cfg, **kw)  # noqa: E731
     # The inline-PTX unpack exists on the GPU only; elsewhere both paths are the pure-Triton one.
-    y_asm = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=DEVICE == "cuda")
-    y_tri = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=False)
-    y_i2f = triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, magic_i2f=False)
+    y_asm = run(unpack_asm=DEVICE == "cuda")
     y_ref = reference(a, sa, wp, ws, lr, lu, bias, dtype)
     y_fp = x.float() @ w.T + (x.float() @ ld.float()) @ lu.float() + bias.float()
     rel = lambda u, v: float((u.float() - v.float()).norm() / v.float().norm())  # noqa: E731
-    out = {"asm_eq_triton": bool(torch.equal(y_asm, y_tri)),
-           "magic_eq_i2f": bool(torch.equal(y_asm, y_i2f)),
+    out = {"asm_eq_triton": bool(torch.equal(y_asm, run(unpack_asm=False))),
+           "magic_eq_i2f": bool(torch.equal(y_asm, run(magic_i2f=True))),
+           "kperm_eq_natural": bool(torch.equal(y_asm, run(k_perm=False))),
            "rel_err_vs_reference": rel(y_asm, y_ref), "rel_err_vs_fp": rel(y_asm, y_fp)}
-    if not (out["asm_eq_triton"] and out["magic_eq_i2f"]) or out["rel_err_vs_reference"] > 1e-2:
+    if not all(out[k] for k in ("asm_eq_triton", "magic_eq_i2f", "kperm_eq_natural")) \
+            or out["rel_err_vs_reference"] > 1e-2:
         raise SystemExit(f"W4A4 kernel disagrees at {m}x{n}x{k}: {out}")
     return out
 
 
-def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
+def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict, cfg: dict | None
               ) -> tuple[list[dict], dict]:
+    """Every kernel on one shape; cfg: the W4A4 tile (None: the stored table, else autotune)."""
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     w = torch.randn(n, k, device=DEVICE) * 0.02
     w16 = w.to(dtype)
@@ -99,35 +126,37 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
     wp, ws = quantize_weight(w)
     a, sa, lr = triton_quantize_act(x, None, ld)
     a_nolr, sa_nolr, _ = triton_quantize_act(x, None, None)
+    gemm = lambda *o, **kw: triton_gemm(*o, bias, dtype, config=cfg, **kw)  # noqa: E731
 
     def naive_branch():
         q, s, _ = triton_quantize_act(x, None, None)
-        y = triton_gemm(q, s, wp, ws, None, None, bias, dtype)
-        return y + (x @ ld) @ lu
+        return gemm(q, s, wp, ws, None, None) + (x @ ld) @ lu
+
+    def fused_linear():
+        q, s, r = triton_quantize_act(x, None, ld)
+        return gemm(q, s, wp, ws, r, lu)
 
     x8 = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=DEVICE)
     w8 = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=DEVICE)
     times = {
         "cublas_bf16": bench(lambda: torch.mm(x, w16.T)),
         "int_mm_int8": bench(lambda: torch._int_mm(x8, w8.T)),
-        "w4a4_gemm": bench(lambda: triton_gemm(a_nolr, sa_nolr, wp, ws, None, None, bias, dtype)),
-        "w4a4_gemm_lr_fused": bench(lambda: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype)),
-        "w4a4_gemm_pure_triton_unpack": bench(
-            lambda: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, unpack_asm=False)),
-        "w4a4_gemm_i2f_convert": bench(
-            lambda: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, magic_i2f=False)),
+        "triton_int8": int8_peer(m, n, k),
+        "w4a4_gemm": bench(lambda: gemm(a_nolr, sa_nolr, wp, ws, None, None)),
+        "w4a4_gemm_lr_fused": bench(lambda: gemm(a, sa, wp, ws, lr, lu)),
+        # the same tile with one change undone each: what each change of v3 is worth
+        "w4a4_gemm_natural_k_order": bench(lambda: gemm(a, sa, wp, ws, lr, lu, k_perm=False)),
+        "w4a4_gemm_magic_convert": bench(lambda: gemm(a, sa, wp, ws, lr, lu, magic_i2f=True)),
+        "w4a4_gemm_pure_triton_unpack": bench(lambda: gemm(a, sa, wp, ws, lr, lu,
+                                                           unpack_asm=False)),
         "quant_act": bench(lambda: triton_quantize_act(x, None, None)),
         "quant_act_lr_fused": bench(lambda: triton_quantize_act(x, None, ld)),
+        "linear_no_branch": bench(
+            lambda: gemm(*triton_quantize_act(x, None, None)[:2], wp, ws, None, None)),
+        "linear_lr_fused": bench(fused_linear),
+        "linear_lr_unfused": bench(naive_branch),
     }
-    times["linear_no_branch"] = bench(
-        lambda: triton_gemm(*triton_quantize_act(x, None, None)[:2], wp, ws, None, None, bias, dtype))
-
-    def fused_linear():
-        q, s, r = triton_quantize_act(x, None, ld)
-        return triton_gemm(q, s, wp, ws, r, lu, bias, dtype)
-
-    times["linear_lr_fused"] = bench(fused_linear)
-    times["linear_lr_unfused"] = bench(naive_branch)
+    times = {k_: v for k_, v in times.items() if v is not None}
 
     g = k // 64
     ops = 2.0 * m * n * k
@@ -143,30 +172,41 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict
     }
     floors["linear_no_branch"] = floors["w4a4_gemm"] + floors["quant_act"]
     floors["linear_lr_fused"] = floors["w4a4_gemm_lr_fused"] + floors["quant_act_lr_fused"]
+    t8 = times.get("triton_int8")
     rows = []
     for name, ms in times.items():
+        is_gemm = not name.startswith("quant")
         rows.append({
             "name": name, "M": m, "N": n, "K": k, "dtype": str(dtype).removeprefix("torch."),
-            "ms": ms, "TOPS": ops / (ms * 1e-3) / 1e12 if not name.startswith("quant") else None,
+            "ms": ms, "TOPS": ops / (ms * 1e-3) / 1e12 if is_gemm else None,
             "vs_cublas_bf16": times["cublas_bf16"] / ms,
+            # share of the int8 MMA rate a plain Triton kernel reaches on this shape
+            "pct_triton_int8": 100 * t8 / ms if (t8 and is_gemm) else None,
             "floor_ms": floors.get(name),
         })
     summary = {
-        "M": m, "N": n, "K": k,
+        "M": m, "N": n, "K": k, "config": cfg,
+        "gemm_vs_bf16": times["cublas_bf16"] / times["w4a4_gemm"],
+        "gemm_lr_fused_vs_bf16": times["cublas_bf16"] / times["w4a4_gemm_lr_fused"],
+        "linear_lr_fused_vs_bf16": times["cublas_bf16"] / times["linear_lr_fused"],
+        "pct_triton_int8_lr_fused": 100 * t8 / times["w4a4_gemm_lr_fused"] if t8 else None,
         "gemm_branch_overhead": times["w4a4_gemm_lr_fused"] / times["w4a4_gemm"] - 1,
         "linear_branch_overhead_fused": times["linear_lr_fused"] / times["linear_no_branch"] - 1,
         "linear_branch_overhead_unfused": times["linear_lr_unfused"] / times["linear_no_branch"] - 1,
+        "k_perm_speedup": times["w4a4_gemm_natural_k_order"] / times["w4a4_gemm_lr_fused"],
         "asm_unpack_speedup": times["w4a4_gemm_pure_triton_unpack"] / times["w4a4_gemm_lr_fused"],
-        "magic_i2f_speedup": times["w4a4_gemm_i2f_convert"] / times["w4a4_gemm_lr_fused"],
+        "i2f_vs_magic_speedup": times["w4a4_gemm_magic_convert"] / times["w4a4_gemm_lr_fused"],
     }
     return rows, summary
 
 
+def config_name(cfg: dict) -> str:
+    return "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg)
+
+
 def sweep_shape(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
-    """Every tile config of GPU_CONFIGS with no branch and with the branch in each LR_MODE, in one
-    run: where the branch's time goes (a different tile choice, or the epilogue itself), and
-    which (config, mode) is fastest. Also the autotuner's own picks and the kernels' register
-    use and spills (as compiled on this device)."""
+    """Every tile config of GPU_CONFIGS (BLOCK_M >= 64) with and without the branch, in one run:
+    which tile is fastest for the shape (the tuned table's entry) and what the branch costs."""
     x = torch.randn(m, k, device=DEVICE, dtype=dtype)
     w = torch.randn(n, k, device=DEVICE) * 0.02
     ld = (torch.randn(k, RANK, device=DEVICE) * 0.02).to(dtype)
@@ -180,40 +220,52 @@ def sweep_shape(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
         if c.kwargs["BLOCK_M"] < 64:   # small-M tiles: not in the running at Flux's M
             continue
         cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-        name = "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg)
-        row = {"config": name}
-        for variant, mode in (("none", None), ("lr0", 0), ("lr2", 2)):
-            # (lr1 compiles to the same registers as lr0 on sm_90; timed by the autotuned rows)
-            args = (a, sa, wp, ws, lr, lu) if mode is not None else (a, sa, wp, ws, None, None)
+        row = {"config": config_name(cfg), "cfg": cfg}
+        for variant, has_lr in (("none", False), ("lr", True)):
+            args = (a, sa, wp, ws, lr, lu) if has_lr else (a, sa, wp, ws, None, None)
             try:
-                y = triton_gemm(*args, bias, torch.float32, config=cfg, lr_mode=mode)
-                if mode is not None:
+                if has_lr:
+                    y = triton_gemm(*args, bias, torch.float32, config=cfg)
                     err = float((y - y_ref).norm() / y_ref.norm())
                     if err > 1e-4:
                         raise RuntimeError(f"disagrees with the reference config ({err:.1e})")
-                row[variant] = bench(lambda: triton_gemm(*args, bias, dtype, config=cfg,
-                                                         lr_mode=mode), rep=60)
+                row[variant] = bench(lambda: triton_gemm(*args, bias, dtype, config=cfg), rep=60)
             except Exception as e:  # noqa: BLE001 - a config that cannot compile here is a row
                 row[variant] = None
                 row[f"{variant}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         rows.append(row)
         torch.cuda.empty_cache()
-    picks = {}
-    for variant, mode, has_lr in (("none", 0, False), ("lr0", 0, True), ("lr1", 1, True),
-                                  ("lr2", 2, True)):
-        args = (a, sa, wp, ws, lr, lu) if has_lr else (a, sa, wp, ws, None, None)
-        t = bench(lambda: triton_gemm(*args, bias, dtype, lr_mode=mode))
-        best = getattr(_w4a4_gemm_tuned, "best_config", None)
-        picks[variant] = {"ms": t, "config": str(best)}
     ok = lambda v: [r for r in rows if r.get(v) is not None]  # noqa: E731
-    best = {v: min(ok(v), key=lambda r: r[v]) for v in ("none", "lr0", "lr1", "lr2") if ok(v)}
-    return {"M": m, "N": n, "K": k, "rows": rows, "autotuned": picks,
-            "best": {v: {"config": r["config"], "ms": r[v]} for v, r in best.items()}}
+    best = {v: min(ok(v), key=lambda r: r[v]) for v in ("none", "lr") if ok(v)}
+    return {"M": m, "N": n, "K": k, "rows": rows,
+            "best": {v: {"config": r["config"], "cfg": r["cfg"], "ms": r[v]}
+                     for v, r in best.items()}}
 
 
 def _smallest_config() -> dict:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8, "GROUPS": 1, "num_warps": 4,
             "num_stages": 3}
+
+
+def config_table(sweeps: list[dict], meta: dict) -> dict:
+    """The tuned-config JSON (lowering/configs/w4a4-<gpu>.json) from the sweeps: per weight shape
+    and M bucket the fastest tile with the branch (what the svdquant recipe runs); the default
+    per bucket is the tile that won most shapes."""
+    configs: dict = {}
+    wins: dict = collections.defaultdict(collections.Counter)
+    for sw in sweeps:
+        if "lr" not in sw["best"]:
+            continue
+        cfg = {k: sw["best"]["lr"]["cfg"][k] for k in CONFIG_FIELDS}
+        bucket = m_bucket(sw["M"])
+        configs.setdefault(f"{sw['N']},{sw['K']}", {})[bucket] = cfg
+        wins[bucket][json.dumps(cfg, sort_keys=True)] += 1
+    default = {b: json.loads(c.most_common(1)[0][0]) for b, c in wins.items()}
+    # M above the largest swept bucket runs the same tiles (as many or more programs per SM)
+    if default and "big" not in default:
+        default["big"] = default[max((b for b in default), key=lambda b: int(b) if b.isdigit()
+                                     else 1 << 40)]
+    return {**meta, "configs": configs, "default": default}
 
 
 def compiled_resources() -> list[dict]:
@@ -230,7 +282,7 @@ def compiled_resources() -> list[dict]:
                     idx = key[0] if isinstance(key, tuple) else key
                     name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
                     if name in ("BLOCK_M", "BLOCK_N", "GROUPS", "HAS_LR", "LR_MODE",
-                                "UNPACK_ASM", "MAGIC_I2F"):
+                                "UNPACK_ASM", "MAGIC_I2F", "K_PERM"):
                         consts[name] = v if isinstance(v, (int, bool)) else str(v)
                 out.append({**consts, "num_warps": k.metadata.num_warps,
                             "num_stages": k.metadata.num_stages, "n_regs": k.n_regs,
@@ -241,35 +293,30 @@ def compiled_resources() -> list[dict]:
 
 
 def print_sweep(sw: dict) -> None:
-    print(f"\nsweep M={sw['M']} N={sw['N']} K={sw['K']} (ms; lr0: into the accumulator, lr1: own "
-          f"accumulator added, lr2: branch first)")
-    print(f"{'config':24} {'none':>8} {'lr0':>8} {'lr1':>8} {'lr2':>8} {'+lr best':>8}")
+    print(f"\nsweep M={sw['M']} N={sw['N']} K={sw['K']} (ms)")
+    print(f"{'config':24} {'none':>8} {'lr':>8} {'+lr':>8}")
     for r in sw["rows"]:
-        vals = [r.get(v) for v in ("none", "lr0", "lr1", "lr2")]
-        lrs = [v for v in vals[1:] if v is not None]
-        over = f"{100 * (min(lrs) / vals[0] - 1):7.1f}%" if lrs and vals[0] else "-"
+        vals = [r.get(v) for v in ("none", "lr")]
+        over = f"{100 * (vals[1] / vals[0] - 1):7.1f}%" if all(vals) else "-"
         cells = " ".join(f"{v:8.4f}" if v is not None else f"{'err':>8}" for v in vals)
         print(f"{r['config']:24} {cells} {over:>8}")
-    b = sw["best"]
-    if "none" in b:
-        for v in ("lr0", "lr1", "lr2"):
-            if v in b:
-                print(f"best {v}: {b[v]['config']} {b[v]['ms']:.4f} ms, "
-                      f"{100 * (b[v]['ms'] / b['none']['ms'] - 1):+.1f}% over the best no-branch "
-                      f"({b['none']['config']} {b['none']['ms']:.4f} ms)")
-    for v, p in sw["autotuned"].items():
-        print(f"autotuned {v}: {p['ms']:.4f} ms  {p['config']}")
+    for v, b in sw["best"].items():
+        print(f"best {v}: {b['config']} {b['ms']:.4f} ms")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("json_out", help="where to write the results (JSON)")
-    p.add_argument("--quick", action="store_true", help="one token count, two shapes")
+    p.add_argument("--quick", action="store_true", help="two shapes (the sweep's)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on the CPU (run with TRITON_INTERPRET=1): checks the script")
     p.add_argument("--sweep", action="store_true",
-                   help="also time every tile config with and without the branch (each LR_MODE)")
+                   help="time every tile config with and without the branch first, at each token "
+                        "count and the first two shapes, and run the table's rows with the winners")
+    p.add_argument("--configs-out", default=None,
+                   help="with --sweep: write the winners as the tuned-config JSON "
+                        "(lowering/configs/w4a4-<gpu>.json)")
     args = p.parse_args(argv)
     global DEVICE
     if args.smoke:
@@ -277,16 +324,48 @@ def main(argv: list[str] | None = None) -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("bench_w4a4 needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
     dtype = getattr(torch, args.dtype)
-    tokens = TOKENS[:1] if args.quick else TOKENS
+    tokens = TOKENS
     linears = FLUX_LINEARS[:2] if args.quick else FLUX_LINEARS
     if args.smoke:
         tokens, linears = [48], [("smoke", 96, 192)]
     ceil = measure_ceilings()
-    checks = {f"{n}x{k}": check(32 if args.smoke else 256, n, k, dtype) for _, n, k in linears}
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+    sweeps, chosen = [], {}
+    if args.sweep and DEVICE == "cuda":
+        for m in tokens:
+            for _, n, k in linears[:2]:
+                sweeps.append(sweep_shape(m, n, k, dtype))
+                print_sweep(sweeps[-1])
+                if "lr" in sweeps[-1]["best"]:
+                    chosen[(m, n, k)] = {f: sweeps[-1]["best"]["lr"]["cfg"][f]
+                                         for f in CONFIG_FIELDS}
+        if args.configs_out:
+            table = config_table(sweeps, {
+                "device": device_name(), "date": date[:10], "triton": triton.__version__,
+                "source": f"benchmarks/bench_w4a4.py --sweep, M {tokens}: fastest tile with the "
+                          "rank-32 branch per weight shape; shapes not swept use 'default'"})
+            with open(args.configs_out, "w") as f:
+                json.dump(table, f, indent=1, sort_keys=True)
+            print(f"wrote {args.configs_out}", file=sys.stderr)
+
+    swept_default = config_table(sweeps, {})["default"] if sweeps else {}
+
+    def cfg_for(m, n, k):
+        if (m, n, k) in chosen:
+            return chosen[(m, n, k)]
+        if DEVICE != "cuda":
+            return None
+        # shapes the sweep skipped: the stored table, else the sweep's most frequent winner
+        # (not the autotuner: it would compile every candidate for each of five variants)
+        return tuned_config(torch.device(DEVICE), m, n, k // 64) or swept_default.get(m_bucket(m))
+
+    checks = {f"{n}x{k}": check(32 if args.smoke else 256, n, k, dtype,
+                                cfg_for(tokens[0], n, k)) for _, n, k in linears}
     rows, summaries = [], []
     for m in tokens:
         for lname, n, k in linears:
-            r, s = run_shape(m, n, k, dtype, ceil)
+            r, s = run_shape(m, n, k, dtype, ceil, cfg_for(m, n, k))
             for row in r:
                 row["linear"] = lname
             s["linear"] = lname
@@ -294,40 +373,34 @@ def main(argv: list[str] | None = None) -> None:
             summaries.append(s)
             if DEVICE == "cuda":
                 torch.cuda.empty_cache()
+    resources = compiled_resources() if DEVICE == "cuda" else []
+    spilling = [r for r in resources if r.get("n_spills")]
 
-    sweeps, resources = [], []
-    if args.sweep and DEVICE == "cuda":
-        for m in tokens[:1]:
-            for _, n, k in linears[:2]:
-                sweeps.append(sweep_shape(m, n, k, dtype))
-                print_sweep(sweeps[-1])
-        resources = compiled_resources()
-        spilling = [r for r in resources if r.get("n_spills")]
-        print(f"compiled variants: {len(resources)}, spilling: "
-              + ", ".join(f"{r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} "
-                          f"lr{int(bool(r.get('HAS_LR')))} {r['n_spills']}B" for r in spilling))
-
-    print(f"{device_name()}  torch {torch.__version__}  triton {triton.__version__}"
-          f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak "
-          f"{ceil['int8_peak_ops'] / 1e12:.0f} TOP/s  rank {RANK}")
+    t8 = ceil.get("triton_int8_peak_ops")
+    print(f"\n{device_name()}  torch {torch.__version__}  triton {triton.__version__}"
+          f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak: _int_mm "
+          f"{ceil['int8_peak_ops'] / 1e12:.0f}, Triton {t8 / 1e12 if t8 else 0:.0f} TOP/s  "
+          f"rank {RANK}  compiled variants {len(resources)}, spilling {len(spilling)}")
     print(f"{'linear':16} {'M':>5} {'N':>6} {'K':>6} {'kernel':30} {'ms':>8} {'TOP/s':>7} "
-          f"{'x bf16':>7} {'floor ms':>8}")
+          f"{'x bf16':>7} {'%int8':>6} {'floor ms':>8}")
     for r in rows:
         tops = f"{r['TOPS']:.0f}" if r["TOPS"] is not None else "-"
+        pct = f"{r['pct_triton_int8']:.0f}" if r["pct_triton_int8"] is not None else "-"
         floor = f"{r['floor_ms']:.4f}" if r["floor_ms"] is not None else "-"
         print(f"{r['linear']:16} {r['M']:>5} {r['N']:>6} {r['K']:>6} {r['name']:30} "
-              f"{r['ms']:8.4f} {tops:>7} {r['vs_cublas_bf16']:7.2f} {floor:>8}")
-    print("\nbranch overhead (target <= 15%): GEMM fused | whole linear fused | whole linear unfused"
-          " | asm unpack speedup | magic int->float speedup")
+              f"{r['ms']:8.4f} {tops:>7} {r['vs_cublas_bf16']:7.2f} {pct:>6} {floor:>8}")
+    print("\nsummary: tile | GEMM+branch x bf16 (target 1.3) | % Triton int8 | branch overhead "
+          "(target <= 15%) | linear fused x bf16 | k-order, asm unpack, I2F speedups")
     for s in summaries:
-        print(f"{s['linear']:16} {s['M']:>5}  {100 * s['gemm_branch_overhead']:6.1f}% | "
-              f"{100 * s['linear_branch_overhead_fused']:6.1f}% | "
-              f"{100 * s['linear_branch_overhead_unfused']:6.1f}% | {s['asm_unpack_speedup']:.2f}x"
-              f" | {s['magic_i2f_speedup']:.2f}x")
+        pct = f"{s['pct_triton_int8_lr_fused']:.0f}%" if s["pct_triton_int8_lr_fused"] else "-"
+        tile = config_name(s["config"]) if s["config"] else "autotuned"
+        print(f"{s['linear']:16} {s['M']:>5} {tile:22} {s['gemm_lr_fused_vs_bf16']:5.2f}x | "
+              f"{pct:>4} | {100 * s['gemm_branch_overhead']:6.1f}% | "
+              f"{s['linear_lr_fused_vs_bf16']:5.2f}x | {s['k_perm_speedup']:.2f}x "
+              f"{s['asm_unpack_speedup']:.2f}x {s['i2f_vs_magic_speedup']:.2f}x")
     with open(args.json_out, "w") as f:
         json.dump({"device": device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__,
-                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "triton": triton.__version__, "date": date,
                    "rank": RANK, "ceilings": ceil, "checks": checks, "rows": rows,
                    "summary": summaries, "sweeps": sweeps,
                    "compiled": resources}, f, indent=1)

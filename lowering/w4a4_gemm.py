@@ -6,6 +6,11 @@ activations of `lowering.w4a4_activation_quant`, packed [N, Kp/2] uint8, scales 
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
+import re
+
 import torch
 import triton
 import triton.language as tl
@@ -78,10 +83,26 @@ def reference(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
 # PTX (UNPACK_ASM); the pure-Triton path gives the same bits and is what the interpreter runs.
 # Unsigned activations (0..15, after GELU) cannot be 16·q in an int8 lane: they are unpacked
 # plainly, and the epilogue factor is 1/16 (only the weights carry the 16).
+#
+# K_PERM: a dot's sum does not depend on the order of k, only on both operands using the same
+# one. Restoring the natural order (even k from low nibbles, odd k from high) costs byte shuffles
+# (PRMT) and 2-byte shared-memory reads of the packed A tile; with K_PERM each 16-byte chunk of a
+# row becomes [its 16 low nibbles, its 16 high nibbles], so the nibbles of one packed word land
+# in one int8x4 register of the MMA's operand layout and no shuffle is left (sm_90 SASS of the
+# 64x128 tile: 52 PRMT and 25 LDS a group -> 0 PRMT and 17 LDS). Integer sums are unchanged.
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _unpack_plain(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
+def _mma_order(lo, hi, ROWS: tl.constexpr, K_PERM: tl.constexpr):
+    """Low- and high-nibble lanes [ROWS, 32] -> [ROWS, 64] in the k-order the dot sees."""
+    if K_PERM:
+        x = tl.join(tl.reshape(lo, (ROWS, 2, 16)), tl.reshape(hi, (ROWS, 2, 16)))
+        return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, 64))
+    return tl.reshape(tl.join(lo, hi), (ROWS, 64))
+
+
+@triton.jit
+def _unpack_plain(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr, K_PERM: tl.constexpr):
     """uint8 [ROWS, 32] -> int8 [ROWS, 64] holding unsigned nibbles q in [0, 15]."""
     if UNPACK_ASM:
         lo, hi = tl.inline_asm_elementwise(
@@ -94,12 +115,12 @@ def _unpack_plain(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
     else:
         lo = (b & 0x0F).to(tl.uint8).to(tl.int8, bitcast=True)
         hi = (b >> 4).to(tl.uint8).to(tl.int8, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (ROWS, 64))
+    return _mma_order(lo, hi, ROWS, K_PERM)
 
 
 @triton.jit
-def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
-    """uint8 [ROWS, 32] -> int8 [ROWS, 64] holding 16·q, k-order restored (low nibble = even k)."""
+def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr, K_PERM: tl.constexpr):
+    """uint8 [ROWS, 32] -> int8 [ROWS, 64] holding 16·q, in `_mma_order`'s k-order."""
     if UNPACK_ASM:
         lo, hi = tl.inline_asm_elementwise(
             asm="""{
@@ -111,18 +132,18 @@ def _unpack_x16(b, ROWS: tl.constexpr, UNPACK_ASM: tl.constexpr):
     else:
         lo = (b << 4).to(tl.uint8).to(tl.int8, bitcast=True)
         hi = (b & 0xF0).to(tl.uint8).to(tl.int8, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (ROWS, 64))
+    return _mma_order(lo, hi, ROWS, K_PERM)
 
 
 @triton.jit
 def _group_dot(a_ptr, w_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr):
+               UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, K_PERM: tl.constexpr):
     """int32 [BLOCK_M, BLOCK_N]: one 64-group's Σ qa·qw (times 256, or 16 for unsigned a)."""
     if A_UNSIGNED:
-        a8 = _unpack_plain(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
+        a8 = _unpack_plain(tl.load(a_ptr), BLOCK_M, UNPACK_ASM, K_PERM)
     else:
-        a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM)
-    w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM)
+        a8 = _unpack_x16(tl.load(a_ptr), BLOCK_M, UNPACK_ASM, K_PERM)
+    w8 = _unpack_x16(tl.load(w_ptr), BLOCK_N, UNPACK_ASM, K_PERM)
     return tl.dot(a8, tl.trans(w8), out_dtype=tl.int32)
 
 
@@ -134,9 +155,11 @@ def _scale_add(acc, part, sa_ptr, sw_ptr, keep, HAS_KEEP: tl.constexpr, MAGIC_I2
         sa = sa * keep
     sw = tl.load(sw_ptr).to(tl.float32)
     if MAGIC_I2F:
-        # int32 -> fp32 without the I2F instruction (16/clk/SM on Hopper against 128 for FP32
-        # adds): |part| < 2^22, so part + bits(1.5·2^23) is the float 1.5·2^23 + part, exact,
-        # and one subtraction leaves float(part). Same bits as the conversion.
+        # int32 -> fp32 by integer arithmetic: |part| < 2^22, so part + bits(1.5·2^23) is the
+        # float 1.5·2^23 + part, exact, and one subtraction leaves float(part); same bits as the
+        # conversion. Off by default: on sm_90 the conversion is one I2FP instruction, while this
+        # costs two (ptxas folds the add into the MMA's accumulator start, a MOV per element, plus
+        # the FADD), and the H100 run timed the conversion 3-4% faster.
         f = (part + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
     else:
         f = part.to(tl.float32)
@@ -157,7 +180,7 @@ def _w4a4_gemm_kernel(
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
     UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, MAGIC_I2F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    GROUPS: tl.constexpr, LR_MODE: tl.constexpr,
+    GROUPS: tl.constexpr, LR_MODE: tl.constexpr, K_PERM: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -205,17 +228,20 @@ def _w4a4_gemm_kernel(
                 acc = tl.dot(lr, lu)
             acc = acc * unit
     for g in range(0, G, GROUPS):
-        # GROUPS == 2 issues both groups' MMAs before either's float scaling, so the tensor
-        # cores have work while the CUDA cores scale (the tile config chooses).
-        # With an odd group count the last step's second group re-reads group G−1 (in bounds,
-        # no masks) and is weighted by 0.
-        p0 = _group_dot(a_ptr + g * 32, w_ptr + g * 32, BLOCK_M, BLOCK_N, UNPACK_ASM, A_UNSIGNED)
+        # Triton waits for each wgmma right after it here (its A operand is unpacked in registers
+        # inside the loop, and the int32 result feeds CUDA-core math), so issuing two groups'
+        # MMAs before either's scaling overlaps nothing and only keeps two int32 tiles live
+        # (ptxas spills at 64x128 and up). GROUPS == 2 is an unroll by two groups instead: half
+        # the loop's index and pipeline bookkeeping; the MMA/CUDA-core overlap comes from the
+        # two warpgroups (programs) that share each SM. With an odd group count the last step's
+        # second group re-reads group G−1 (in bounds, no masks) and is weighted by 0.
+        p0 = _group_dot(a_ptr + g * 32, w_ptr + g * 32, BLOCK_M, BLOCK_N, UNPACK_ASM, A_UNSIGNED,
+                        K_PERM)
+        acc = _scale_add(acc, p0, sa_ptr + g, sw_ptr + g, 1.0, False, MAGIC_I2F)
         if GROUPS == 2:
             g1 = tl.minimum(g + 1, G - 1)
             p1 = _group_dot(a_ptr + g1 * 32, w_ptr + g1 * 32, BLOCK_M, BLOCK_N, UNPACK_ASM,
-                            A_UNSIGNED)
-        acc = _scale_add(acc, p0, sa_ptr + g, sw_ptr + g, 1.0, False, MAGIC_I2F)
-        if GROUPS == 2:
+                            A_UNSIGNED, K_PERM)
             keep = (g + 1 < G).to(tl.float32)
             acc = _scale_add(acc, p1, sa_ptr + g1, sw_ptr + g1, keep, True, MAGIC_I2F)
     if A_UNSIGNED:
@@ -246,17 +272,18 @@ def _w4a4_gemm_kernel(
 # Where the low-rank MMA goes (see triton_gemm's lr_mode).
 LR_MODE_DEFAULT = 2   # H100 sweep (BENCHMARKS.md): 1-3% faster than 0 and 1 at the autotuned tile
 
-# Tile configurations tried on the GPU (kept as data; the interpreter uses the small one).
+# Tile configurations tried on the GPU (kept as data; the interpreter uses the small one). All
+# compile without spills for sm_90 (ptxas via Triton 3.9 on the CPU, with the branch, K_PERM, I2F):
+# 64x128 w4 and 64x256 w8 run 313-318 instructions a warp per group, 64 of them each I2FP, FMUL and
+# FFMA (the scaling's floor); tiles whose weight scales Triton loads per column (128x64, 64x64,
+# 256x64) add ~50. 128x128 (4 or 8 warps) and GROUPS = 2 at 64x128 and up spill, so they are out.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
                   num_stages=s)
     for bm, bn, w, s, gr in [
-        # 128x128 tiles spill (ptxas, sm_90: 255 registers + 170-230 bytes of stack); kept
-        # because the sweep measures them against the ones below, which do not spill.
-        (128, 128, 4, 4, 1), (128, 128, 8, 3, 1), (128, 256, 8, 3, 1), (128, 128, 8, 3, 2),
-        (64, 256, 8, 3, 1), (256, 64, 8, 3, 1), (128, 64, 8, 3, 1), (128, 64, 8, 4, 1),
-        (64, 128, 4, 4, 1), (64, 128, 4, 3, 1), (128, 64, 4, 4, 1), (64, 128, 4, 4, 2),
-        (64, 64, 4, 4, 1), (32, 64, 4, 4, 1), (16, 64, 4, 4, 1),
+        (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 256, 8, 3, 1), (64, 256, 8, 4, 1),
+        (128, 64, 4, 3, 1), (128, 64, 4, 4, 1), (256, 64, 8, 3, 1), (64, 64, 4, 4, 2),
+        (32, 64, 4, 4, 1), (16, 64, 4, 4, 1),
     ]
 ]
 # Two groups a step, so odd group counts test the masked tail under the interpreter.
@@ -264,24 +291,81 @@ _INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": 2}
 
 _w4a4_gemm_tuned = triton.autotune(
     configs=GPU_CONFIGS,
-    key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED", "MAGIC_I2F", "LR_MODE"],
+    key=["M", "N", "G", "HAS_LR", "HAS_BIAS", "UNPACK_ASM", "A_UNSIGNED", "MAGIC_I2F", "LR_MODE",
+         "K_PERM"],
 )(_w4a4_gemm_kernel)
+
+
+# Tuned tiles as data, one JSON per GPU (written from bench_w4a4.py --sweep results): {"configs":
+# {"N,K": {M bucket: config}}, "default": {M bucket: config}}, K the padded 64·groups. A shape the
+# table lacks is autotuned over GPU_CONFIGS (a first call then compiles every candidate).
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+M_BUCKETS = (16, 64, 256, 1024, 4096)   # a bucket holds the M up to its bound; past the last: "big"
+CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS", "num_warps", "num_stages")
+
+
+def m_bucket(m: int) -> str:
+    return next((str(b) for b in M_BUCKETS if m <= b), "big")
+
+
+def config_path(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> lowering/configs/w4a4-nvidia-h100-80gb-hbm3.json."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+    return os.path.join(CONFIG_DIR, f"w4a4-{slug}.json")
+
+
+def load_config_table(path: str) -> dict:
+    """Read and check a tuned-config JSON (see CONFIG_DIR above); {} when the file is absent."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        table = json.load(f)
+    for where in [table.get("default", {})] + list(table.get("configs", {}).values()):
+        for bucket, cfg in where.items():
+            missing = [k for k in CONFIG_FIELDS if k not in cfg]
+            if missing:
+                raise ValueError(f"{path}: config for M bucket {bucket!r} lacks {missing}; "
+                                 f"re-run benchmarks/bench_w4a4.py --sweep --configs-out to rewrite it")
+    return table
+
+
+def lookup_config(table: dict, m: int, n: int, g: int) -> dict | None:
+    """The table's config for weight shape [n, 64·g] and M's bucket, else its default, else None."""
+    bucket = m_bucket(m)
+    cfg = table.get("configs", {}).get(f"{n},{64 * g}", {}).get(bucket)
+    if cfg is None:
+        cfg = table.get("default", {}).get(bucket)
+    return None if cfg is None else {k: cfg[k] for k in CONFIG_FIELDS}
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_name: str) -> dict:
+    return load_config_table(config_path(device_name))
+
+
+def tuned_config(device: torch.device, m: int, n: int, g: int) -> dict | None:
+    """The stored tile config for this GPU, weight shape and M bucket; None: autotune."""
+    if device.type != "cuda":
+        return None
+    return lookup_config(_tuned_table(torch.cuda.get_device_name(device)), m, n, g)
 
 
 def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                 lr_act: torch.Tensor | None, l_up: torch.Tensor | None,
                 bias: torch.Tensor | None, out_dtype: torch.dtype,
                 unpack_asm: bool | None = None, config: dict | None = None,
-                a_unsigned: bool = False, magic_i2f: bool = True,
-                lr_mode: int | None = None) -> torch.Tensor:
+                a_unsigned: bool = False, magic_i2f: bool = False,
+                lr_mode: int | None = None, k_perm: bool = True) -> torch.Tensor:
     """Launch the kernel on 2-D operands; the same result as `reference` within fp32 rounding.
 
     unpack_asm: None = inline PTX on CUDA, pure Triton elsewhere. magic_i2f: convert the group
     sums to float with integer arithmetic instead of I2F (same bits). lr_mode: where the branch's
     MMA goes (0: into the accumulator after the loop, 1: its own accumulator added after the
-    loop, 2: before the loop as the accumulator's start; None: LR_MODE_DEFAULT). config: a fixed tile
-    configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS"} + num_warps/num_stages) instead of
-    autotuning.
+    loop, 2: before the loop as the accumulator's start; None: LR_MODE_DEFAULT). k_perm: feed the
+    MMA the nibbles in the shuffle-free k-order (same sums; False restores the natural order, kept
+    to measure against). config: a fixed tile configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M",
+    "GROUPS"} + num_warps/num_stages); None: the tuned table for this GPU and shape
+    (`lowering/configs/w4a4-<gpu>.json`), else autotuning over GPU_CONFIGS.
     """
     m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -310,10 +394,12 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
                  # fp32 must not become tf32; the interpreter's 16-bit tl.dot is wrong (triton 3.9)
                  LR_IEEE=has_lr and (lr_act.dtype == torch.float32 or interpreter_enabled()),
                  UNPACK_ASM=unpack_asm, A_UNSIGNED=a_unsigned, MAGIC_I2F=magic_i2f,
-                 LR_MODE=LR_MODE_DEFAULT if lr_mode is None else lr_mode,
+                 LR_MODE=LR_MODE_DEFAULT if lr_mode is None else lr_mode, K_PERM=k_perm,
                  BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))))
     if config is None and interpreter_enabled():
         config = dict(_INTERP_CONFIG)
+    if config is None:
+        config = tuned_config(a.device, m, n, g)
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("GROUPS", 1)

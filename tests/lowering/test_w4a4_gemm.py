@@ -1,16 +1,20 @@
 """qoq::w4a4_gemm: weight layout, Triton == reference, the fused low-rank + bias epilogue."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lowering.w4a4_activation_quant import (
-    GELU_SHIFT, GROUP, pack_int4, pack_uint4, reference as quant_reference,
+    GELU_SHIFT, GROUP, pack_int4, pack_uint4, reference as quant_reference, unpack_int4,
+    unpack_uint4,
 )
 from lowering.w4a4_gemm import (
-    dequantize, quantize_weight, reference, shifted_bias, triton_gemm, w4a4_gemm, w4a4_linear,
+    dequantize, load_config_table, lookup_config, m_bucket, quantize_weight, reference,
+    shifted_bias, triton_gemm, w4a4_gemm, w4a4_linear,
 )
 
 
@@ -157,3 +161,46 @@ def test_mismatched_shapes_are_reported():
     a, sa, lr = quant_reference(torch.randn(4, 128), None, None)
     with pytest.raises(ValueError, match="packed widths"):
         w4a4_gemm(a, sa, wp, ws, None, None, None, torch.float32)
+
+
+@given(m=st.integers(1, 33), n=st.integers(1, 40), groups=st.integers(1, 3),
+       unsigned=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_mma_k_order_gives_the_same_bits(m, n, groups, unsigned, seed):
+    """The shuffle-free k-order (K_PERM) reorders the dot's terms identically on both operands:
+    integer sums, hence every output bit, must not change, for signed and unsigned activations."""
+    g = torch.Generator().manual_seed(seed)
+    if unsigned:
+        a = pack_uint4(torch.randint(0, 16, (m, groups * GROUP), generator=g, dtype=torch.uint8))
+    else:
+        a = pack_int4(torch.randint(-8, 8, (m, groups * GROUP), generator=g, dtype=torch.int8))
+    w = pack_int4(torch.randint(-8, 8, (n, groups * GROUP), generator=g, dtype=torch.int8))
+    sa = torch.rand(m, groups, generator=g) + 0.1
+    sw = (torch.rand(n, groups, generator=g) + 0.1).half()
+    args = (a, sa, w, sw, None, None, None, torch.float32)
+    y_perm = triton_gemm(*args, a_unsigned=unsigned, k_perm=True)
+    y_nat = triton_gemm(*args, a_unsigned=unsigned, k_perm=False)
+    assert torch.equal(y_perm, y_nat)
+    ones = triton_gemm(a, torch.ones(m, groups), w, torch.ones(n, groups).half(), None, None,
+                       None, torch.float32, a_unsigned=unsigned, k_perm=True)
+    qa = (unpack_uint4(a) if unsigned else unpack_int4(a)).long()
+    assert torch.equal(ones, (qa @ unpack_int4(w).long().T).float())
+
+
+def test_tuned_config_table(tmp_path):
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "GROUPS": 1, "num_warps": 4,
+           "num_stages": 3}
+    other = dict(cfg, BLOCK_N=256, num_warps=8)
+    path = tmp_path / "w4a4-some-gpu.json"
+    path.write_text(json.dumps({"configs": {"3072,3072": {"big": other}},
+                                "default": {"big": cfg, "4096": cfg}}))
+    table = load_config_table(str(path))
+    assert lookup_config(table, 4608, 3072, 48) == other      # exact shape, bucket "big"
+    assert lookup_config(table, 4096, 3072, 48) == cfg        # shape lacks bucket: default
+    assert lookup_config(table, 4608, 1024, 16) == cfg        # unknown shape: default
+    assert lookup_config(table, 100, 3072, 48) is None        # no default either: autotune
+    assert m_bucket(4096) == "4096" and m_bucket(4097) == "big" and m_bucket(1) == "16"
+    assert load_config_table(str(tmp_path / "absent.json")) == {}
+    del cfg["GROUPS"]
+    path.write_text(json.dumps({"default": {"big": cfg}}))
+    with pytest.raises(ValueError, match="lacks \\['GROUPS'\\]"):
+        load_config_table(str(path))
