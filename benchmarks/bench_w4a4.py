@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gemm import INT8_CONFIGS, triton_int8_gemm  # noqa: E402  (the plain int8 GEMM)
 from lowering.w4a4_activation_quant import triton_quantize_act  # noqa: E402
 from lowering.w4a4_gemm import (  # noqa: E402
-    CONFIG_FIELDS, GPU_CONFIGS, _w4a4_gemm_kernel, m_bucket, quantize_weight, reference,
+    CONFIG_FIELDS, GPU_CONFIGS, OPTIONAL_FIELDS, _w4a4_gemm_kernel, m_bucket, quantize_weight,
+    reference,
     triton_gemm, tuned_config,
 )
 
@@ -201,7 +202,12 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict, cfg: dict 
 
 
 def config_name(cfg: dict) -> str:
-    return "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg)
+    reg = f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+    return "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg) + reg
+
+
+def stored_fields(cfg: dict) -> dict:
+    return {k: cfg[k] for k in CONFIG_FIELDS + OPTIONAL_FIELDS if cfg.get(k) is not None}
 
 
 def sweep_shape(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
@@ -219,7 +225,8 @@ def sweep_shape(m: int, n: int, k: int, dtype: torch.dtype) -> dict:
     for c in GPU_CONFIGS:
         if c.kwargs["BLOCK_M"] < 64:   # small-M tiles: not in the running at Flux's M
             continue
-        cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        cfg = stored_fields(dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 maxnreg=c.maxnreg))
         row = {"config": config_name(cfg), "cfg": cfg}
         for variant, has_lr in (("none", False), ("lr", True)):
             args = (a, sa, wp, ws, lr, lu) if has_lr else (a, sa, wp, ws, None, None)
@@ -256,7 +263,7 @@ def config_table(sweeps: list[dict], meta: dict) -> dict:
     for sw in sweeps:
         if "lr" not in sw["best"]:
             continue
-        cfg = {k: sw["best"]["lr"]["cfg"][k] for k in CONFIG_FIELDS}
+        cfg = stored_fields(sw["best"]["lr"]["cfg"])
         bucket = m_bucket(sw["M"])
         configs.setdefault(f"{sw['N']},{sw['K']}", {})[bucket] = cfg
         wins[bucket][json.dumps(cfg, sort_keys=True)] += 1
@@ -266,6 +273,34 @@ def config_table(sweeps: list[dict], meta: dict) -> dict:
         default["big"] = default[max((b for b in default), key=lambda b: int(b) if b.isdigit()
                                      else 1 << 40)]
     return {**meta, "configs": configs, "default": default}
+
+
+def sass_loop_mix(cubin: bytes) -> dict:
+    """Instruction mix of a kernel's main loop (the longest backward branch) in its SASS, by
+    opcode: what the scaling costs against the MMAs, and whether anything spills (LDL/STL)."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    lines = [(int(m.group(1), 16), m.group(2)) for m in
+             (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+([^;]*);", ln) for ln in sass.splitlines()) if m]
+    loop = None
+    for addr, ins in lines:
+        br = re.search(r"BRA\s+.*?0x([0-9a-f]+)", ins)
+        if br and int(br.group(1), 16) < addr:
+            start = int(br.group(1), 16)
+            if loop is None or addr - start > loop[1] - loop[0]:
+                loop = (start, addr)
+    ops = collections.Counter()
+    for addr, ins in lines:
+        if loop and loop[0] <= addr <= loop[1]:
+            ops[re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0]] += 1
+    return {"loop_instructions": sum(ops.values()), "loop_ops": dict(ops.most_common(16))}
 
 
 def compiled_resources() -> list[dict]:
@@ -284,9 +319,15 @@ def compiled_resources() -> list[dict]:
                     if name in ("BLOCK_M", "BLOCK_N", "GROUPS", "HAS_LR", "LR_MODE",
                                 "UNPACK_ASM", "MAGIC_I2F", "K_PERM"):
                         consts[name] = v if isinstance(v, (int, bool)) else str(v)
-                out.append({**consts, "num_warps": k.metadata.num_warps,
-                            "num_stages": k.metadata.num_stages, "n_regs": k.n_regs,
-                            "n_spills": k.n_spills})
+                row = {**consts, "num_warps": k.metadata.num_warps,
+                       "num_stages": k.metadata.num_stages,
+                       "maxnreg": getattr(k.metadata, "maxnreg", None), "n_regs": k.n_regs,
+                       "n_spills": k.n_spills}
+                try:
+                    row.update(sass_loop_mix(k.asm["cubin"]))
+                except Exception as e:  # noqa: BLE001 - diagnostics only
+                    row["sass_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+                out.append(row)
     except Exception as e:  # noqa: BLE001 - diagnostics only; Triton versions differ here
         out.append({"error": f"{type(e).__name__}: {str(e)[:160]}"})
     return out
@@ -338,8 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                 sweeps.append(sweep_shape(m, n, k, dtype))
                 print_sweep(sweeps[-1])
                 if "lr" in sweeps[-1]["best"]:
-                    chosen[(m, n, k)] = {f: sweeps[-1]["best"]["lr"]["cfg"][f]
-                                         for f in CONFIG_FIELDS}
+                    chosen[(m, n, k)] = stored_fields(sweeps[-1]["best"]["lr"]["cfg"])
         if args.configs_out:
             table = config_table(sweeps, {
                 "device": device_name(), "date": date[:10], "triton": triton.__version__,
@@ -376,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
     resources = compiled_resources() if DEVICE == "cuda" else []
     spilling = [r for r in resources if r.get("n_spills")]
 
+    for r in resources:
+        if r.get("HAS_LR") and r.get("UNPACK_ASM") and "loop_instructions" in r:
+            print(f"sass {r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} s{r['num_stages']} "
+                  f"r{r.get('maxnreg')} K_PERM={r.get('K_PERM')} MAGIC={r.get('MAGIC_I2F')}: "
+                  f"regs {r['n_regs']} spills {r['n_spills']} loop {r['loop_instructions']} "
+                  + " ".join(f"{o}:{c}" for o, c in list(r["loop_ops"].items())[:8]))
     t8 = ceil.get("triton_int8_peak_ops")
     print(f"\n{device_name()}  torch {torch.__version__}  triton {triton.__version__}"
           f"  bandwidth {ceil['bandwidth_Bps'] / 1e12:.2f} TB/s  int8 peak: _int_mm "

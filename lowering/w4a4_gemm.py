@@ -277,13 +277,17 @@ LR_MODE_DEFAULT = 2   # H100 sweep (BENCHMARKS.md): 1-3% faster than 0 and 1 at 
 # 64x128 w4 and 64x256 w8 run 313-318 instructions a warp per group, 64 of them each I2FP, FMUL and
 # FFMA (the scaling's floor); tiles whose weight scales Triton loads per column (128x64, 64x64,
 # 256x64) add ~50. 128x128 (4 or 8 warps) and GROUPS = 2 at 64x128 and up spill, so they are out.
+# Each program waits for its own MMA before scaling (see the main loop), so the tensor cores work
+# while *other* programs of the SM scale: 64x128 w4 takes 212 registers (2 programs an SM); capped
+# at 168 (maxnreg) it fits 3 with 8 bytes of stack outside the loop and +7 instructions in it.
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
-                  num_stages=s)
-    for bm, bn, w, s, gr in [
-        (64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 256, 8, 3, 1), (64, 256, 8, 4, 1),
-        (128, 64, 4, 3, 1), (128, 64, 4, 4, 1), (256, 64, 8, 3, 1), (64, 64, 4, 4, 2),
-        (32, 64, 4, 4, 1), (16, 64, 4, 4, 1),
+                  num_stages=s, maxnreg=r)
+    for bm, bn, w, s, gr, r in [
+        (64, 128, 4, 3, 1, None), (64, 128, 4, 4, 1, None), (64, 128, 4, 3, 1, 168),
+        (64, 128, 4, 4, 1, 168), (64, 256, 8, 3, 1, None), (64, 256, 8, 4, 1, None),
+        (128, 64, 4, 3, 1, None), (128, 64, 4, 4, 1, None), (256, 64, 8, 3, 1, None),
+        (64, 64, 4, 4, 2, None), (32, 64, 4, 4, 1, None), (16, 64, 4, 4, 1, None),
     ]
 ]
 # Two groups a step, so odd group counts test the masked tail under the interpreter.
@@ -302,6 +306,7 @@ _w4a4_gemm_tuned = triton.autotune(
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 M_BUCKETS = (16, 64, 256, 1024, 4096)   # a bucket holds the M up to its bound; past the last: "big"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS", "num_warps", "num_stages")
+OPTIONAL_FIELDS = ("maxnreg",)   # register cap (ptxas): more programs resident on each SM
 
 
 def m_bucket(m: int) -> str:
@@ -335,7 +340,7 @@ def lookup_config(table: dict, m: int, n: int, g: int) -> dict | None:
     cfg = table.get("configs", {}).get(f"{n},{64 * g}", {}).get(bucket)
     if cfg is None:
         cfg = table.get("default", {}).get(bucket)
-    return None if cfg is None else {k: cfg[k] for k in CONFIG_FIELDS}
+    return None if cfg is None else {k: cfg[k] for k in CONFIG_FIELDS + OPTIONAL_FIELDS if k in cfg}
 
 
 @functools.lru_cache(maxsize=None)
@@ -403,6 +408,8 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("GROUPS", 1)
+        if cfg.get("maxnreg") is None:
+            cfg.pop("maxnreg", None)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         grid = (cdiv(m, bm) * cdiv(n, bn),)
         _w4a4_gemm_kernel[grid](*args, **flags, **cfg)
