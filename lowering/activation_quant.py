@@ -2,6 +2,8 @@
 
 `x ≈ sx[m] · x8[m, k]` with `sx = absmax / 127`. The op also returns the per-token sum of the
 int8 codes, which per-channel W4 GEMMs need to take the weight zero point out of the main loop.
+Under Inductor the op is decomposed into plain torch ops (`quantize_act_int8_fusible`), so it fuses
+into the kernel of its producer (the RMSNorm before a linear) instead of re-reading X.
 """
 from __future__ import annotations
 
@@ -107,3 +109,46 @@ def _(x: torch.Tensor, kernels: str = "auto"):
         x.new_empty(lead, dtype=torch.float32),
         x.new_empty(lead, dtype=torch.int32),
     )
+
+
+def quantize_act_int8_fusible(x: torch.Tensor, kernels: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op as plain torch ops Inductor can fuse into the producer of `x`; bit-identical to the reference.
+
+    Our Triton kernel reads X twice more (absmax, then codes) after the norm has written it: at
+    decode that is a separate ~2.4 µs launch per quantized input. Written as a row reduction, a
+    pointwise map and another row reduction over the same rows, Inductor generates them inside the
+    norm's own reduction kernel (as it does softmax's max / exp / sum), so X is quantized while in
+    registers. The one division is done in float64 and rounded to float32: double rounding is
+    innocuous for a quotient when 53 >= 2·24 + 2 bits, so it equals IEEE float32 division on every
+    backend (Inductor lowers a float32 `/` to an approximate division on some versions).
+    """
+    del kernels  # every mode computes the same codes; the graph keeps the argument for the eager op
+    x32 = x.float()
+    amax = x32.abs().amax(dim=-1).clamp_min(ABSMAX_FLOOR)
+    inv = (127.0 / amax.double()).float()
+    x8 = torch.round(x32 * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return x8, amax / 127.0, x8.sum(dim=-1, dtype=torch.int32)
+
+
+def _register_inductor_decomposition() -> None:
+    """Make Inductor trace `qoq::quantize_act_int8` as `quantize_act_int8_fusible` (nothing else sees it).
+
+    The FX graph keeps the op (artifacts, reports and `inductor=False` runs find it by name; eager
+    runs our kernel); only Inductor's AOT trace, which consults this table, decomposes it.
+    """
+    try:
+        from torch._inductor import decomposition as inductor_decomp
+    except ImportError:  # pragma: no cover - torch without Inductor: the op runs as our kernel
+        return
+    op = torch.ops.qoq.quantize_act_int8.default
+    if op in inductor_decomp.decompositions:
+        return
+    inductor_decomp.decompositions[op] = quantize_act_int8_fusible
+    # The table Inductor uses is a cached merge of this dict: a compile before our import cached
+    # it without the entry.
+    cached = getattr(inductor_decomp, "fast_random_decomps", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+_register_inductor_decomposition()

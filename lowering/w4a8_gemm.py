@@ -254,6 +254,9 @@ def _w4a8_gemm_kernel(
     # group scale s2 [N, G] uint8 and z·s2 [N, G] uint8 (progressive) or zero [N] int32 (per-channel)
     w_ptr, ws_ptr, gs_ptr, gz_ptr,
     b_ptr, y_ptr,  # bias [N] (optional), output [M, N]
+    # split-K only: int32 partial tiles [tiles, SPLIT_K, BLOCK_M * BLOCK_N] and one arrival counter
+    # per output tile (zero between launches: the last split of a tile puts it back to zero)
+    part_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_gn, stride_ym,
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
@@ -341,24 +344,48 @@ def _w4a8_gemm_kernel(
     if SWAP:
         acc = tl.trans(acc)
 
+    if SPLIT_K == 1:
+        _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
+                  stride_ym, PROGRESSIVE, HAS_BIAS)
+    else:
+        # Serial split-K in one launch: every split stores its int32 partial tile, then counts itself
+        # in; the split that arrives last adds the others' partials (integers: the sum is the
+        # unsplit accumulator, bit for bit) and runs the epilogue. No fp32 output to zero first, no
+        # conversion kernel after: at decode those two launches cost as much as the GEMM saves.
+        cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_parts = part_ptr + pid.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+        tl.store(tile_parts + pid_k * (BLOCK_M * BLOCK_N) + cell, acc)
+        # Every thread's partial is written before one thread releases the count (the barrier
+        # orders them before it, the release makes them visible GPU-wide); acquire on the way in.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            for s in tl.static_range(SPLIT_K):
+                # .cg: read at L2, where the other SMs' stores are, never a stale L1 line.
+                part = tl.load(tile_parts + s * (BLOCK_M * BLOCK_N) + cell, mask=(cell * 0 + pid_k) != s,
+                               other=0, cache_modifier=".cg")
+                acc += part
+            _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
+                      stride_ym, PROGRESSIVE, HAS_BIAS)
+            tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+@triton.jit
+def _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
+              stride_ym, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = (acc − z·Σx8 for per-channel) · sx · ws (+ bias) for a [BLOCK_M, BLOCK_N] int32 tile."""
     if not PROGRESSIVE:
-        # Σ x8·(q − z) = Σ x8·q − z·Σ x8; only the first K split subtracts it.
-        if pid_k == 0:
-            xs = tl.load(xsum_ptr + rm)
-            z = tl.load(gz_ptr + rn)
-            acc -= xs[:, None] * z[None, :]
+        # Σ x8·(q − z) = Σ x8·q − z·Σ x8
+        xs = tl.load(xsum_ptr + rm)
+        z = tl.load(gz_ptr + rn)
+        acc -= xs[:, None] * z[None, :]
     sx = tl.load(sx_ptr + rm)
     ws = tl.load(ws_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * ws[None, :]
     if HAS_BIAS:
-        if pid_k == 0:
-            y += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+        y += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, y, mask=mask, sem="relaxed")
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ---- the small-M path: a GEMV-style kernel on CUDA cores ----------------------------------------
@@ -750,6 +777,26 @@ def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, 
     return y
 
 
+# Split-K arrival counters, per device and stream: zeros, and every launch leaves them zero (the
+# last split of each tile resets its own). Kept alive for good once made: a CUDA graph that captured
+# a launch holds their address. Per stream, so GEMMs running concurrently on two streams never share one.
+_COUNTERS: dict = {}
+_OLD_COUNTERS: list = []
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _COUNTERS.get(key)
+    if have is None or have.numel() < n:
+        if have is not None:
+            _OLD_COUNTERS.append(have)
+        have = torch.zeros(max(n, 1024, 2 * (have.numel() if have is not None else 0)), dtype=torch.int32,
+                           device=device)
+        _COUNTERS[key] = have
+    return have
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -790,29 +837,32 @@ def w4a8_gemm_triton(
         y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
         return _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns,
                             use_asm, pdl).reshape(*lead, N)
-    if split > 1:
-        y = torch.zeros((M, N), dtype=torch.float32, device=x8.device)
-    else:
-        y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
+    y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
     if M == 0:
-        return y.to(out_dtype).reshape(*lead, N)
+        return y.reshape(*lead, N)
     group_size = qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD
     if cdiv(K, K_PAD) % unroll:
         unroll = 1  # the kernel's splits hold whole UNROLL groups of tiles
     word_ok = (progressive and group_size == 128 and gscale.shape[1] % 4 == 0 and gscale.stride(0) % 4 == 0
                and gscale.stride(1) == 1 and gzero.stride(0) == gscale.stride(0) and gzero.stride(1) == 1)
-    grid = (cdiv(M, bm) * cdiv(N, bn), split)
+    tiles = cdiv(M, bm) * cdiv(N, bn)
+    grid = (tiles, split)
+    if split > 1:
+        parts = torch.empty(tiles * split * bm * bn, dtype=torch.int32, device=x8.device)
+        counts = _split_counters(x8.device, tiles)
+    else:
+        parts = counts = y  # unused
     _w4a8_gemm_kernel[grid](
         x8, sx.reshape(-1), xsum.reshape(-1), qweight, wscale,
         gscale if progressive else gzero, gzero,
-        bias if bias is not None else wscale, y,
+        bias if bias is not None else wscale, y, parts, counts,
         M, N, K,
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
         EVEN_K=K % K_PAD == 0, WORD_SCALES_OK=word_ok, VEC_SCALES=bool(word_ok and vec), BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
         USE_PDL=pdl, num_warps=nw, num_stages=ns, **({"launch_pdl": True} if pdl else {}),
     )
-    return (y.to(out_dtype) if split > 1 else y).reshape(*lead, N)
+    return y.reshape(*lead, N)
 
 
 @torch.library.custom_op("qoq::w4a8_gemm", mutates_args=())
