@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from lowering.activation_quant import quantize_act_int8_reference
 from passes.match import LinearMatch
-from passes.gptq import fake_quantize
+from passes.gptq import fake_quantize, search_grid
 from passes.quantize import skip_reason
 from passes.scale_groups import (ScaleGroup, find_scale_groups, linear_bias, linear_weight,
                                  set_linear_weight)
@@ -26,16 +26,23 @@ SEARCH_ROWS = 256
 
 def fake_quant_output_error(x: torch.Tensor, weights: list[torch.Tensor], config: QoQConfig,
                             divide: torch.Tensor | None = None, refs: list[torch.Tensor] | None = None) -> float:
-    """Σ ||Q8(x/s) Q4(W·s)^T − x W^T||² over the consumers: the error smoothing by `s` leaves."""
+    """Σ ||Q8(x/s) Q4(W·s)^T − x W^T||² over the consumers: the error smoothing by `s` leaves.
+
+    Q4 is round-to-nearest, or the per-group grid search when the config has clip_search on a group
+    format (what the weights will get)."""
     refs = refs if refs is not None else [x @ w.t() for w in weights]
     if divide is not None:
         x = x / divide
     x8, sx, _ = quantize_act_int8_reference(x)
     xq = x8.float() * sx[:, None]
+    # Score with the weights as the quantize/gptq passes will make them: with clip_search on a group
+    # format that is the (s2, z) grid search weighted by E[x²] of the (smoothed) input channels.
+    grid = getattr(config, "clip_search", False) and config.weight_group_size != -1
+    importance = x.pow(2).mean(dim=0) if grid else None
     err = 0.0
     for w, ref in zip(weights, refs):
         ws = w * divide if divide is not None else w
-        wq = fake_quantize(ws, config)
+        wq = search_grid(ws, config, importance)[1] if grid else fake_quantize(ws, config)
         err += float((xq @ wq.t() - ref).pow(2).sum())
     return err
 

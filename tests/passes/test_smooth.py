@@ -93,3 +93,33 @@ def test_too_few_calibration_rows_leave_the_layers_alone():
     smooth(qg, find_linears(qg), make_config({"recipe": "qoq"}), graph_stats(qg), details)
     assert not qg.overrides
     assert details and all(d["smooth"].startswith("skipped: fewer than 16") for d in details.values())
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_search_scores_with_the_weights_the_recipe_will_make(seed):
+    """With clip_search on a group format the candidates are scored with the grid-searched weights
+    (weighted by the smoothed inputs' E[x²]), not round-to-nearest ones."""
+    from lowering.activation_quant import quantize_act_int8_reference
+    from passes.gptq import fake_quantize, search_grid
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 256, generator=g)
+    x[:, :3] *= 20
+    ws = [torch.randn(32, 256, generator=g)]
+    s = x.abs().amax(0).clamp_min(1e-5).sqrt()
+    xs = x / s
+    x8, sx, _ = quantize_act_int8_reference(xs)
+    xq = x8.float() * sx[:, None]
+    ref = x @ ws[0].t()
+
+    def err(wq):
+        return float((xq @ wq.t() - ref).pow(2).sum())
+
+    grid_cfg = make_config({"recipe": "qoq"})
+    rtn_cfg = make_config({"recipe": "qoq", "clip_search": False})
+    want_grid = err(search_grid(ws[0] * s, grid_cfg, xs.pow(2).mean(0))[1])
+    want_rtn = err(fake_quantize(ws[0] * s, rtn_cfg))
+    assert abs(fake_quant_output_error(x, ws, grid_cfg, divide=s) - want_grid) <= 1e-5 * want_grid
+    assert abs(fake_quant_output_error(x, ws, rtn_cfg, divide=s) - want_rtn) <= 1e-5 * want_rtn
+    assert want_grid != want_rtn
