@@ -312,8 +312,10 @@ SKIP_16BIT = (
     "*text_embedder*", "*guidance_embedder*", "add_embedding.*", "class_embedding*",
     "conv_in", "conv_out", "lm_head", "*.lm_head",
 )
-# AdaLN modulation linears: weight-only 4-bit (their M is the batch size, so only bytes matter).
+# AdaLN modulation linears: 4-bit weights (their M is the batch size, so only bytes matter; the
+# W4A8 GEMM takes M <= 4 on its GEMV kernel).
 ADALN = ("*norm*.linear", "norm_out.*", "*.norm_out.*")
+ADALN_MODES = ("w4a8", "w4_simulated", "fp")
 
 
 @dataclass
@@ -325,8 +327,11 @@ class SVDQuantOptions:
     betas: tuple[float, ...] = DEFAULT_BETAS
     max_iters: int = 20
     svd: str = "auto"
-    adaln: str = "w4_simulated"     # "w4_simulated": W4 g64 weight, dequantized, kept in 16 bits;
+    adaln: str = "w4a8"             # "w4a8": W4 weights (QoQ's format, groups of adaln_group_size)
+                                    # and per-token int8 input on qoq.w4a8_gemm; "w4_simulated": W4
+                                    # g64 weight dequantized and kept in 16 bits (accuracy studies);
                                     # "fp": left alone
+    adaln_group_size: int = 64      # the AdaLN weights' groups along K (-1: per output channel)
     skip: tuple[str, ...] = SKIP_16BIT
     adaln_patterns: tuple[str, ...] = ADALN
     unsigned_after_gelu: bool = True  # W4A4: inputs produced by GELU are quantized unsigned
@@ -336,7 +341,8 @@ class SVDQuantOptions:
     def from_config(cls, config) -> "SVDQuantOptions":
         """Options from a QoQConfig: recipe `w4a8-svd` picks the W4A8 residual; `lowrank_*`
         fields override the defaults where the config has them."""
-        kw = {"kernels": getattr(config, "kernels", "auto")}
+        kw = {"kernels": getattr(config, "kernels", "auto"),
+              "adaln_group_size": getattr(config, "weight_group_size", 64)}
         if getattr(config, "recipe", "") == "w4a8-svd":
             kw["residual"] = "w4a8"
             kw["w4a8_group_size"] = getattr(config, "weight_group_size", 128)
@@ -348,13 +354,18 @@ class SVDQuantOptions:
         kw["skip"] = SKIP_16BIT + extra
         return cls(**kw)
 
+    def __post_init__(self):
+        if self.adaln not in ADALN_MODES:
+            raise ValueError(f"SVDQuantOptions.adaln={self.adaln!r}: expected one of {ADALN_MODES}")
+
 
 @dataclass
 class SVDQuantDecision:
     fqns: list[str]                  # the linears of one group (one shared input)
-    kind: str                        # "lowrank" | "weight_only" | "skip"
+    kind: str                        # "lowrank" | "w4a8" | "weight_only" | "skip"
     reason: str = ""
     result: Optional[SVDQuantLinear] = None
+    qweight: Optional[object] = None  # kind "w4a8": the QuantizedWeight on qoq.w4a8_gemm
     details: dict = field(default_factory=dict)
 
 
@@ -414,71 +425,101 @@ def _replace(qgraph, m, y: fx.Node) -> None:
         graph.erase_node(operand)
 
 
-def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuantOptions) -> None:
-    """One activation quantization (smoothing and X̂·L_down fused) feeding one GEMM per linear."""
+def emit_w4a4_group(qgraph, group, smooth_inv: Optional[torch.Tensor], l_down: Optional[torch.Tensor],
+                    shift: Optional[torch.Tensor], members: Sequence[dict], kernels: str) -> None:
+    """Rewrite `group` (linears reading one input, in graph order) to one `qoq::w4a4_quantize_act`
+    (smoothing and X̂·L_down fused) feeding one `qoq::w4a4_gemm` per linear, from finished tensors.
+
+    smooth_inv fp32 [K] or None; l_down [K, r] in the activation dtype or None (rank 0); shift fp32
+    [K] or None (signed activations). members[i]: "qweight", "wscale", and "l_up" [r, N_i] (with
+    l_down), "bias_shifted" fp32 [N_i] (with shift). The pass and the artifact replay both call this,
+    so a replayed graph is the same graph."""
     graph = qgraph.gm.graph
     first = group[0]
-    dtype = out_dtype_of(first.node, first.x)
     stem = first.fqn
-    # (0, 0) won the search: no smoothing, so no multiply in the kernel either.
-    smooth_inv = None if bool((joint.smooth == 1).all()) else qgraph.add_constant(
-        f"{stem}.smooth_inv", (1.0 / joint.smooth).float(), first.node)
-    rank = joint.l_down.shape[1]
-    l_down = qgraph.add_constant(f"{stem}.l_down", joint.l_down.to(dtype), first.node) if rank else None
-    unsigned = joint.act_shift is not None
-    shift = qgraph.add_constant(f"{stem}.shift", joint.act_shift.float(), first.node) if unsigned else None
+    c_smooth = qgraph.add_constant(f"{stem}.smooth_inv", smooth_inv, first.node) if smooth_inv is not None else None
+    c_down = qgraph.add_constant(f"{stem}.l_down", l_down, first.node) if l_down is not None else None
+    c_shift = qgraph.add_constant(f"{stem}.shift", shift, first.node) if shift is not None else None
     with graph.inserting_before(first.node):
         quant = graph.call_function(torch.ops.qoq.w4a4_quantize_act.default,
-                                    (first.x, smooth_inv, l_down, shift, opts.kernels))
+                                    (first.x, c_smooth, c_down, c_shift, kernels))
         a, sa, lr = (graph.call_function(operator.getitem, (quant, i)) for i in range(3))
-    for m, (l_up, residual) in zip(group, parts):
-        packed, scale = quantize_weight(residual)
-        c_w = qgraph.add_constant(f"{m.fqn}.qweight", packed, m.node)
-        c_s = qgraph.add_constant(f"{m.fqn}.wscale", scale, m.node)
-        c_u = qgraph.add_constant(f"{m.fqn}.l_up", l_up.to(dtype).contiguous(), m.node) if rank else None
-        bias = m.bias
-        if unsigned:   # the GEMM sees x̂ + shift: take shift·Ŵ out of the bias
-            b = qgraph.weight(m.bias) if m.bias is not None else None
-            bias = qgraph.add_constant(f"{m.fqn}.bias_shifted",
-                                       shifted_bias(b, joint.act_shift, packed, scale), m.node)
+    for m, t in zip(group, members):
+        c_w = qgraph.add_constant(f"{m.fqn}.qweight", t["qweight"], m.node)
+        c_s = qgraph.add_constant(f"{m.fqn}.wscale", t["wscale"], m.node)
+        c_u = qgraph.add_constant(f"{m.fqn}.l_up", t["l_up"], m.node) if c_down is not None else None
+        # the GEMM sees x̂ + shift: its bias has shift·Ŵ taken out
+        bias = qgraph.add_constant(f"{m.fqn}.bias_shifted", t["bias_shifted"], m.node) if c_shift is not None else m.bias
         with graph.inserting_before(m.node):
             y = graph.call_function(torch.ops.qoq.w4a4_gemm.default,
-                                    (a, sa, c_w, c_s, lr if rank else None, c_u, bias,
-                                     out_dtype_of(m.node, m.x), unsigned, opts.kernels))
+                                    (a, sa, c_w, c_s, lr if c_down is not None else None, c_u, bias,
+                                     out_dtype_of(m.node, m.x), c_shift is not None, kernels))
         _replace(qgraph, m, y)
 
 
-def _lower_group_w4a8(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuantOptions) -> None:
-    """W4A8 residual (the lead's ops) + the low-rank branch as two small matmuls added after.
+def _lower_group_w4a4(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuantOptions) -> None:
+    """Pack the residuals and hand the group to `emit_w4a4_group`."""
+    dtype = out_dtype_of(group[0].node, group[0].x)
+    # (0, 0) won the search: no smoothing, so no multiply in the kernel either.
+    smooth_inv = None if bool((joint.smooth == 1).all()) else (1.0 / joint.smooth).float()
+    rank = joint.l_down.shape[1]
+    unsigned = joint.act_shift is not None
+    members = []
+    for m, (l_up, residual) in zip(group, parts):
+        packed, scale = quantize_weight(residual)
+        t = {"qweight": packed, "wscale": scale}
+        if rank:
+            t["l_up"] = l_up.to(dtype).contiguous()
+        if unsigned:
+            b = qgraph.weight(m.bias) if m.bias is not None else None
+            t["bias_shifted"] = shifted_bias(b, joint.act_shift, packed, scale)
+        members.append(t)
+    emit_w4a4_group(qgraph, group, smooth_inv, joint.l_down.to(dtype) if rank else None,
+                    joint.act_shift.float() if unsigned else None, members, opts.kernels)
 
-    The branch is not fused yet: `qoq::w4a8_gemm` has no low-rank epilogue.
-    """
-    from passes.quantize import quantize_per_channel, quantize_progressive
 
+def emit_w4a8_group(qgraph, group, smooth_inv: torch.Tensor, l_down: torch.Tensor,
+                    members: Sequence[tuple[dict, torch.Tensor]], kernels: str) -> None:
+    """W4A8 residual + the low-rank branch, from finished tensors: x̂ = x·smooth_inv, one
+    `qoq::quantize_act_int8` and one X̂·L_down shared by the group, then per linear the W4A8 GEMM
+    plus (X̂·L_down)·L_up as an aten matmul (`qoq::w4a8_gemm` has no low-rank epilogue yet).
+
+    smooth_inv and l_down in the activation dtype; members[i] = (the QuantizedWeight's tensors
+    {"qweight", "wscale", "gscale"?, "gzero"}, l_up [r, N_i]). Called by the pass and the replay."""
     graph = qgraph.gm.graph
     first = group[0]
-    dtype = out_dtype_of(first.node, first.x)
     stem = first.fqn
-    smooth_inv = qgraph.add_constant(f"{stem}.smooth_inv", (1.0 / joint.smooth).to(dtype),
-                                     first.node)
-    l_down = qgraph.add_constant(f"{stem}.l_down", joint.l_down.to(dtype), first.node)
+    c_smooth = qgraph.add_constant(f"{stem}.smooth_inv", smooth_inv, first.node)
+    c_down = qgraph.add_constant(f"{stem}.l_down", l_down, first.node)
     with graph.inserting_before(first.node):
-        xs = graph.call_function(torch.mul, (first.x, smooth_inv))
-        quant = graph.call_function(torch.ops.qoq.quantize_act_int8.default, (xs, opts.kernels))
+        xs = graph.call_function(torch.mul, (first.x, c_smooth))
+        quant = graph.call_function(torch.ops.qoq.quantize_act_int8.default, (xs, kernels))
         x8, sx, xsum = (graph.call_function(operator.getitem, (quant, i)) for i in range(3))
-        lr = graph.call_function(torch.matmul, (xs, l_down))
-    for m, (l_up, residual) in zip(group, parts):
-        gs = opts.w4a8_group_size
-        qw = quantize_per_channel(residual) if gs == -1 else quantize_progressive(residual, gs)
-        consts = {k: qgraph.add_constant(f"{m.fqn}.{k}", v, m.node) for k, v in qw.tensors().items()}
-        c_u = qgraph.add_constant(f"{m.fqn}.l_up", l_up.to(dtype).contiguous(), m.node)
+        lr = graph.call_function(torch.matmul, (xs, c_down))
+    for m, (tensors, l_up) in zip(group, members):
+        consts = {k: qgraph.add_constant(f"{m.fqn}.{k}", v, m.node) for k, v in tensors.items()}
+        c_u = qgraph.add_constant(f"{m.fqn}.l_up", l_up, m.node)
         with graph.inserting_before(m.node):
             y = graph.call_function(
                 torch.ops.qoq.w4a8_gemm.default,
                 (x8, sx, xsum, consts["qweight"], consts["wscale"], consts.get("gscale"),
-                 consts["gzero"], m.bias, out_dtype_of(m.node, m.x), opts.kernels))
+                 consts["gzero"], m.bias, out_dtype_of(m.node, m.x), kernels))
             y = graph.call_function(torch.add, (y, graph.call_function(torch.matmul, (lr, c_u))))
         _replace(qgraph, m, y)
+
+
+def _lower_group_w4a8(qgraph, group, joint: SVDQuantLinear, parts, opts: SVDQuantOptions) -> None:
+    """Quantize the residuals to the W4A8 format and hand the group to `emit_w4a8_group`."""
+    from passes.quantize import quantize_per_channel, quantize_progressive
+
+    dtype = out_dtype_of(group[0].node, group[0].x)
+    gs = opts.w4a8_group_size
+    members = []
+    for l_up, residual in parts:
+        qw = quantize_per_channel(residual) if gs == -1 else quantize_progressive(residual, gs)
+        members.append((qw.tensors(), l_up.to(dtype).contiguous()))
+    emit_w4a8_group(qgraph, group, (1.0 / joint.smooth).to(dtype), joint.l_down.to(dtype), members,
+                    opts.kernels)
 
 
 class _MergedStats:
@@ -520,6 +561,7 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
     order = {n: i for i, n in enumerate(qgraph.gm.graph.nodes)}
     decisions: list[SVDQuantDecision] = []
     groups: dict[fx.Node, list] = {}
+    lowered: dict[fx.Node, fx.Node] = {}   # AdaLN linear node -> its W4A8 GEMM (a later input may be it)
     from passes.match import other_uses
 
     for m in linears:
@@ -540,6 +582,9 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
             if opts.adaln == "fp":
                 decisions.append(SVDQuantDecision([m.fqn], "skip", "AdaLN modulation, adaln='fp'"))
                 continue
+            if opts.adaln == "w4a8":
+                decisions.append(_lower_adaln_w4a8(qgraph, m, stats, opts, lowered))
+                continue
             w = qgraph.weight(m.weight)
             w_nk = _weight_nk(qgraph, m)
             wq = fake_quant_w4a4_weight(w_nk).to(w.dtype)
@@ -555,6 +600,7 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
             decisions.append(SVDQuantDecision([m.fqn], "skip",
                                               "no calibration activations reached this layer"))
             continue
+        m.x = lowered.get(m.x, m.x)
         groups.setdefault(m.x, []).append(m)
 
     lower = _lower_group_w4a4 if opts.residual == "w4a4" else _lower_group_w4a8
@@ -587,6 +633,27 @@ def svdquant_pass(qgraph, linears, stats, opts: SVDQuantOptions) -> list[SVDQuan
     return decisions
 
 
+def _lower_adaln_w4a8(qgraph, m, stats, opts: SVDQuantOptions, lowered: dict) -> SVDQuantDecision:
+    """An AdaLN modulation linear on the W4A8 path: its input is one row per sample (silu of the
+    time/text embedding), so per-token int8 costs nothing in accuracy that matters, and its weight
+    (the largest part of a Flux block) is stored in 4 bits and read once by the GEMV kernel."""
+    from passes.lower import lower_w4a8_linear
+    from passes.quantize import LayerDecision, output_sqnr_db, quantize_per_channel, quantize_progressive
+
+    w_nk = _weight_nk(qgraph, m).float()
+    gs = opts.adaln_group_size
+    qw = quantize_per_channel(w_nk) if gs == -1 else quantize_progressive(w_nk, gs)
+    m.x = lowered.get(m.x, m.x)
+    lowered[m.node] = lower_w4a8_linear(qgraph, LayerDecision(m, qw), opts)
+    details = {"weight_rel_error": float((qw.dequantize().float() - w_nk).pow(2).sum()
+                                         / w_nk.pow(2).sum().clamp_min(1e-30))}
+    layer_stats = stats.get(m.fqn) if stats is not None else None
+    if layer_stats is not None and layer_stats.samples.shape[0] > 0:
+        details["sqnr_db"] = output_sqnr_db(layer_stats.samples, w_nk, qw)
+    details["role"] = "AdaLN modulation"
+    return SVDQuantDecision([m.fqn], "w4a8", qweight=qw, details=details)
+
+
 def layer_records(decisions: list[SVDQuantDecision], shapes: dict[str, tuple[int, int]],
                   opts: SVDQuantOptions) -> list:
     """`runtime.registry.LayerRecord`s for the report, one per linear."""
@@ -602,6 +669,11 @@ def layer_records(decisions: list[SVDQuantDecision], shapes: dict[str, tuple[int
             if d.kind == "skip":
                 out.append(LayerRecord(name=fqn, kind="linear", shape=shape, quantized=False,
                                        reason=d.reason))
+            elif d.kind == "w4a8":
+                out.append(LayerRecord(name=fqn, kind="linear", shape=shape, quantized=True,
+                                       format=d.qweight.format, group_size=d.qweight.group_size,
+                                       kernel=f"qoq.quantize_act_int8 + qoq.w4a8_gemm ({opts.kernels})",
+                                       sqnr_db=d.details.get("sqnr_db"), details=dict(d.details)))
             elif d.kind == "weight_only":
                 out.append(LayerRecord(name=fqn, kind="linear", shape=shape, quantized=True,
                                        format="w4a16_g64_simulated", group_size=64,

@@ -60,27 +60,138 @@ def _const(node: Any, consts: dict) -> Optional[tuple[str, torch.Tensor]]:
     return None
 
 
+def _layer_entry(layer: LayerRecord, op: str, roles: dict, **extra) -> dict:
+    return {"op": op, "format": layer.format, "group_size": layer.group_size, "shape": list(layer.shape),
+            "tensors": {role: f"{layer.name}.{role}" for role in roles}, "input_ops": [],
+            "sqnr_db": layer.sqnr_db, "details": layer.details, "kernel": layer.kernel, **extra}
+
+
+class _Recorder:
+    """Collects one graph's rewrite: which constants each quantized op reads, by role."""
+
+    def __init__(self, consts: dict, record: GraphRecord):
+        self.consts = consts
+        self.by_name = {layer.name: layer for layer in record.layers}
+        self.used: set[str] = set()
+        self.shared: dict[fx.Node, str] = {}   # shared activation-quant node -> its inputs stem
+
+    def roles(self, node: fx.Node, positions: dict[int, str]) -> dict[str, tuple[str, torch.Tensor]]:
+        out = {}
+        for i, role in positions.items():
+            c = _const(node.args[i], self.consts) if i < len(node.args) else None
+            if c is not None:
+                out[role] = c
+                self.used.add(node.args[i].target)
+        return out
+
+    def layer_of(self, node: fx.Node, roles: dict) -> tuple[str, LayerRecord]:
+        if "qweight" not in roles or not roles["qweight"][0].endswith(".qweight"):
+            raise ArtifactError(f"{node.target} node {node.name} reads a weight qoq did not pack; it cannot be saved")
+        fqn = roles["qweight"][0][: -len(".qweight")]
+        layer = self.by_name.get(fqn)
+        if layer is None:
+            raise ArtifactError(f"layer {fqn} has a GEMM but no report record; it cannot be saved")
+        return fqn, layer
+
+
+def _source_of(node: Any, op) -> Optional[fx.Node]:
+    """The op node whose output `node` is an item of (getitem(op(...), i)), or None."""
+    if isinstance(node, fx.Node) and node.target is operator.getitem:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.target is op:
+            return src
+    return None
+
+
+def _lowrank_branch(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
+    """For a w4a8-svd GEMM: (add, X̂·L_down matmul, L_up constant node) when the GEMM's only use is
+    `y + (X̂·L_down)·L_up` as `passes.lowrank.emit_w4a8_group` builds it, else None."""
+    if len(y.users) != 1:
+        return None
+    add = next(iter(y.users))
+    if add.target is not torch.add or add.args[0] is not y or not isinstance(add.args[1], fx.Node):
+        return None
+    up = add.args[1]
+    if up.target is not torch.matmul or not isinstance(up.args[0], fx.Node) or up.args[0].target is not torch.matmul:
+        return None
+    return add, up.args[0], up.args[1]
+
+
+def _record_w4a4(rec: _Recorder, node: fx.Node, data: ArtifactData) -> None:
+    """qoq.w4a4_gemm(a, sa, w, sw, lr, l_up, bias, dtype, unsigned, kernels) and its shared
+    qoq.w4a4_quantize_act(x, smooth_inv, l_down, shift, kernels)."""
+    roles = rec.roles(node, {2: "qweight", 3: "wscale", 5: "l_up", 6: "bias_shifted"})
+    fqn, layer = rec.layer_of(node, roles)
+    quant = _source_of(node.args[0], torch.ops.qoq.w4a4_quantize_act.default)
+    if quant is None or _source_of(node.args[1], torch.ops.qoq.w4a4_quantize_act.default) is not quant:
+        raise ArtifactError(f"layer {fqn}: its W4A4 GEMM input does not come from qoq.w4a4_quantize_act; it cannot be saved")
+    unsigned = bool(node.args[8]) if len(node.args) > 8 else False
+    if unsigned != ("bias_shifted" in roles):
+        raise ArtifactError(f"layer {fqn}: unsigned activations without a shifted bias constant; it cannot be saved")
+    _record_shared(rec, quant, fqn, "w4a4_quantize_act", {1: "smooth_inv", 2: "l_down", 3: "shift"}, data)
+    data.layers[fqn] = _layer_entry(layer, "w4a4_lowrank", roles, input=rec.shared[quant], unsigned=unsigned)
+    for role, (_, t) in roles.items():
+        data.tensors[f"{fqn}.{role}"] = t
+
+
+def _record_shared(rec: _Recorder, quant: fx.Node, fqn: str, op: str, positions: dict, data: ArtifactData,
+                   extra: Optional[dict] = None) -> None:
+    """The shared input of an SVDQuant group: the first member (graph order) names it."""
+    stem = rec.shared.get(quant)
+    if stem is None:
+        stem = rec.shared[quant] = fqn
+        roles = rec.roles(quant, positions)
+        roles.update(extra or {})
+        data.inputs[stem] = {"op": op, "tensors": {role: f"{stem}.{role}" for role in roles}, "layers": []}
+        for role, (_, t) in roles.items():
+            data.tensors[f"{stem}.{role}"] = t
+    data.inputs[stem]["layers"].append(fqn)
+
+
+def _record_w4a8_lowrank(rec: _Recorder, node: fx.Node, quant: fx.Node, branch, data: ArtifactData) -> bool:
+    """A w4a8-svd member: x̂ = mul(x, smooth_inv) -> quantize_act_int8 -> w4a8_gemm, plus
+    matmul(matmul(x̂, l_down), l_up) added. False when `node` is not one (a plain W4A8 layer)."""
+    add, down, up_node = branch
+    xs = quant.args[0]
+    if not (isinstance(xs, fx.Node) and xs.target is torch.mul and down.args[0] is xs):
+        return False
+    smooth, l_down, l_up = _const(xs.args[1], rec.consts), _const(down.args[1], rec.consts), _const(up_node, rec.consts)
+    if smooth is None or l_down is None or l_up is None:
+        return False
+    roles = rec.roles(node, _GEMM_ROLES)
+    fqn, layer = rec.layer_of(node, roles)
+    roles["l_up"] = l_up
+    rec.used.update({xs.args[1].target, down.args[1].target, up_node.target})
+    _record_shared(rec, quant, fqn, "quantize_act_int8", {}, data,
+                   extra={"smooth_inv": smooth, "l_down": l_down})
+    data.layers[fqn] = _layer_entry(layer, "w4a8_lowrank", roles, input=rec.shared[quant])
+    for role, (_, t) in roles.items():
+        data.tensors[f"{fqn}.{role}"] = t
+    return True
+
+
 def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQConfig) -> ArtifactData:
     """ArtifactData for one compiled graph; ArtifactError if its graph holds a constant we cannot replay."""
     data = ArtifactData(config=artifact_config(config))
-    used: set[str] = set()
-    by_name = {layer.name: layer for layer in record.layers}
+    rec = _Recorder(consts, record)
+    used = rec.used
     for node in qgraph.gm.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.qoq.w4a8_gemm.default:
+        if node.op != "call_function":
             continue
-        roles = {}
-        for i, role in _GEMM_ROLES.items():
-            c = _const(node.args[i], consts)
-            if c is not None:
-                roles[role] = c
-                used.add(node.args[i].target)
-        if "qweight" not in roles or not roles["qweight"][0].endswith(".qweight"):
-            raise ArtifactError(f"qoq.w4a8_gemm node {node.name} reads a weight qoq did not pack; it cannot be saved")
-        fqn = roles["qweight"][0][: -len(".qweight")]
+        if node.target is torch.ops.qoq.w4a4_gemm.default:
+            _record_w4a4(rec, node, data)
+            continue
+        if node.target is not torch.ops.qoq.w4a8_gemm.default:
+            continue
+        quant = _source_of(node.args[0], torch.ops.qoq.quantize_act_int8.default)
+        if quant is None:
+            raise ArtifactError(f"qoq.w4a8_gemm node {node.name}: its GEMM input does not come from qoq.quantize_act_int8; it cannot be saved")
+        branch = _lowrank_branch(node)
+        if branch is not None and _record_w4a8_lowrank(rec, node, quant, branch, data):
+            continue
+        roles = rec.roles(node, _GEMM_ROLES)
+        fqn, layer = rec.layer_of(node, roles)
         # The input chain: getitem <- quantize_act_int8(x) <- (mul / index_select by constants)*.
-        quant = node.args[0].args[0] if node.args[0].target is operator.getitem else None
-        if quant is None or quant.target is not torch.ops.qoq.quantize_act_int8.default:
-            raise ArtifactError(f"layer {fqn}: its GEMM input does not come from qoq.quantize_act_int8; it cannot be saved")
         ops = []
         x = quant.args[0]
         while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _INPUT_OPS:
@@ -94,15 +205,8 @@ def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQC
             data.tensors[ops[-1][1]] = c[1]
             used.add(operand.target)
             x = x.args[0]
-        layer = by_name.get(fqn)
-        if layer is None:
-            raise ArtifactError(f"layer {fqn} has a GEMM but no report record; it cannot be saved")
-        match_shape = list(layer.shape)
-        data.layers[fqn] = {
-            "format": layer.format, "group_size": layer.group_size, "shape": match_shape,
-            "tensors": {role: f"{fqn}.{role}" for role in roles}, "input_ops": ops[::-1],
-            "sqnr_db": layer.sqnr_db, "details": layer.details, "kernel": layer.kernel,
-        }
+        data.layers[fqn] = _layer_entry(layer, "w4a8", roles)
+        data.layers[fqn]["input_ops"] = ops[::-1]
         for role, (_, t) in roles.items():
             data.tensors[f"{fqn}.{role}"] = t
     for layer in record.layers:
@@ -116,12 +220,17 @@ def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQC
                 data.overrides[fqn] = f"override:{fqn}"
                 data.tensors[f"override:{fqn}"] = t
                 used.add(name)
+                # A layer whose quantization is a new FP weight (SVDQuant's simulated weight-only W4).
+                layer = rec.by_name.get(fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn)
+                if layer is not None and layer.quantized and layer.name not in data.layers:
+                    data.layers[layer.name] = _layer_entry(layer, "weight_override", {})
     # Cache buffers of the KV4 pass are state, not weights: the replay makes new ones.
     left = sorted(stem for name, (stem, _) in consts.items() if name not in used and not stem.startswith("kv4."))
     if left:
         raise ArtifactError(
             f"recipe {config.recipe!r}: the graph holds constants an artifact cannot replay yet ({left[:4]}...); "
-            "save works for recipes lowered to qoq.w4a8_gemm (w4a8, w4a8-g128, qoq, qoq-chn)"
+            "save works for the qoq.w4a8_gemm recipes (w4a8, w4a8-g128, qoq, qoq-chn) and the SVDQuant "
+            "ones (svdquant, w4a8-svd)"
         )
     return data
 
@@ -160,6 +269,10 @@ def save(model, path: str) -> None:
 
 
 # -- replay -----------------------------------------------------------------------------------------
+_LOWRANK_OPS = ("w4a4_lowrank", "w4a8_lowrank")
+SVDQUANT_RECIPES = ("svdquant", "w4a8-svd")
+
+
 def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphRecord, source: str) -> None:
     """Rewrite `qgraph` as the compile that produced `data` did, from its tensors alone."""
     from passes.lower import lower_w4a8_linear
@@ -169,7 +282,10 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
     from passes.smooth import insert_channel_scale
     from runtime.quantized_weight import QuantizedWeight
 
-    linears = find_linears(qgraph)
+    # SVDQuant also rewrote 1x1 convs: match them the way its pass did.
+    linears = find_linears(qgraph, conv1x1=config.recipe in SVDQUANT_RECIPES)
+    lowered: dict = {}  # FP linear node -> the node that replaced it (back-to-back linears)
+    groups: dict[str, list] = {}  # shared input stem -> the matches of its layers here
     for m in linears:
         entry = data.layers.get(m.fqn)
         live = qgraph.weights[m.weight.name].tensor
@@ -187,7 +303,19 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
                 f"{source}: layer {m.fqn} has weight shape {tuple(m.weight_shape)} here and "
                 f"{tuple(entry['shape'])} in the artifact; it was saved from a different model"
             )
+        op = entry.get("op", "w4a8")
+        record.layers.append(_replayed_record(m, entry, config, source))
+        if op in _LOWRANK_OPS:
+            if entry.get("input") not in data.inputs:
+                raise ArtifactError(f"{source}: layer {m.fqn} names a shared input {entry.get('input')!r} it lacks; save the artifact again")
+            groups.setdefault(entry["input"], []).append(m)
+            continue
+        if op == "weight_override":
+            continue  # its new weight value is applied with the overrides below
+        if op != "w4a8":
+            raise ArtifactError(f"{source}: layer {m.fqn} has op {op!r}, which this qoq does not know; update qoq")
         dev = live.device
+        m.x = lowered.get(m.x, m.x)
         for kind, key in entry["input_ops"]:
             value = data.tensor(key, dev)
             if kind == "mul":
@@ -198,12 +326,9 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
         N, K = (m.weight_shape[1], m.weight_shape[0]) if m.weight_transposed else tuple(m.weight_shape)
         qw = QuantizedWeight(format=entry["format"], out_features=N, in_features=K, group_size=entry["group_size"],
                              qweight=t["qweight"], wscale=t["wscale"], gscale=t.get("gscale"), gzero=t["gzero"])
-        lower_w4a8_linear(qgraph, LayerDecision(m, qw), config)
-        record.layers.append(LayerRecord(
-            name=m.fqn, kind="linear", shape=tuple(m.weight_shape), quantized=True, format=entry["format"],
-            group_size=entry["group_size"], kernel=f"qoq.w4a8_gemm ({config.kernels})", sqnr_db=entry["sqnr_db"],
-            details=dict(entry["details"], source=source),
-        ))
+        lowered[m.node] = lower_w4a8_linear(qgraph, LayerDecision(m, qw), config)
+    for stem, members in groups.items():
+        _replay_group(qgraph, data, stem, members, lowered, config, source)
     for pname, ref in qgraph.weights.items():
         key = data.overrides.get(ref.fqn)
         if key is None:
@@ -219,8 +344,62 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
         # KV4 buffers are runtime state, not weights: the pass makes them again (shared per FP cache).
         from passes.kv_cache import kv_cache
 
+        if config.rotate_kv:  # an online graph rewrite, not a recorded tensor: made again as the first graph did
+            from passes.rotate_kv import rotate_kv
+
+            rotate_kv(qgraph)
         record.layers.extend(kv_cache(qgraph, config.kernels, config.release_fp_cache).records)
     qgraph.materialize_overrides()
     from passes.manager import finish_graph
 
     finish_graph(qgraph, record)
+
+
+def _replayed_record(m, entry: dict, config: QoQConfig, source: str) -> LayerRecord:
+    # the kernels choice is this compile's (a runtime option), not the saving one's
+    base = (entry.get("kernel") or "").rsplit(" (", 1)[0]
+    kernel = f"{base or 'qoq.w4a8_gemm'} ({config.kernels})" if entry.get("op") != "weight_override" else base
+    return LayerRecord(name=m.fqn, kind="linear", shape=tuple(m.weight_shape), quantized=True, format=entry["format"],
+                       group_size=entry["group_size"], kernel=kernel, sqnr_db=entry["sqnr_db"],
+                       details=dict(entry["details"], source=source))
+
+
+def _replay_group(qgraph: QGraph, data: ArtifactData, stem: str, members: list, lowered: dict,
+                  config: QoQConfig, source: str) -> None:
+    """One SVDQuant group (linears sharing an input) through the pass's own emit functions."""
+    from passes.lower import out_dtype_of
+    from passes.lowrank import emit_w4a4_group, emit_w4a8_group
+
+    shared = data.inputs[stem]
+    here = {m.fqn: m for m in members}
+    if sorted(here) != sorted(shared["layers"]):
+        raise ArtifactError(
+            f"{source}: layers {sorted(shared['layers'])} shared one quantized input when saved; this graph has "
+            f"{sorted(here)} of them: the artifact was saved from a different model"
+        )
+    group = [here[f] for f in shared["layers"]]
+    for m in group:
+        m.x = lowered.get(m.x, m.x)
+    if any(m.x is not group[0].x for m in group):
+        raise ArtifactError(f"{source}: layers {shared['layers']} read one input when saved, different ones here; "
+                            "the artifact was saved from a different model")
+    first = group[0]
+    dev = qgraph.weights[first.weight.name].tensor.device
+    dtype = out_dtype_of(first.node, first.x)
+    t_in = {role: data.tensor(key, dev) for role, key in shared["tensors"].items()}
+    per_layer = [{role: data.tensor(key, dev) for role, key in data.layers[m.fqn]["tensors"].items()} for m in group]
+    for name, t in [("l_down", t_in.get("l_down"))] + [("l_up", t.get("l_up")) for t in per_layer]:
+        if t is not None and t.dtype != dtype:
+            raise ArtifactError(
+                f"{source}: layer {first.fqn}'s low-rank factor {name} is {t.dtype} in the artifact and the model "
+                f"computes in {dtype}; compile the model in the dtype it was saved from ({t.dtype})"
+            )
+    if shared["op"] == "w4a4_quantize_act":
+        emit_w4a4_group(qgraph, group, t_in.get("smooth_inv"), t_in.get("l_down"), t_in.get("shift"),
+                        per_layer, config.kernels)
+    elif shared["op"] == "quantize_act_int8":
+        emit_w4a8_group(qgraph, group, t_in["smooth_inv"], t_in["l_down"],
+                        [({k: v for k, v in t.items() if k != "l_up"}, t["l_up"]) for t in per_layer],
+                        config.kernels)
+    else:
+        raise ArtifactError(f"{source}: shared input {stem!r} has op {shared['op']!r}, which this qoq does not know; update qoq")

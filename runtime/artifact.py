@@ -17,7 +17,9 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 FORMAT_NAME = "qoq-artifact"
-VERSION = 1
+VERSION = 2
+# Version 1 (W4A8 layers only) reads as version 2 with no shared inputs.
+READABLE_VERSIONS = (1, 2)
 JSON_NAME = "qoq.json"
 TENSORS_NAME = "weights.safetensors"
 
@@ -32,7 +34,13 @@ class ArtifactData:
 
     - `layers[fqn]`: a quantized linear: format, group size, the weight's FQN, shape and layout,
       the tensors its GEMM reads (`tensors` role -> key), and the ops applied to its input before
-      quantization (`input_ops`: [kind, key] in order, kind "mul" or "index_select").
+      quantization (`input_ops`: [kind, key] in order, kind "mul" or "index_select"). `op` says
+      which rewrite: "w4a8" (absent in version 1: per-layer `qoq.quantize_act_int8` +
+      `qoq.w4a8_gemm`), "w4a4_lowrank" / "w4a8_lowrank" (SVDQuant: the GEMM reads the shared
+      input `input`, a key of `inputs`), "weight_override" (a new FP weight value, in `overrides`).
+    - `inputs[stem]`: one activation quantization shared by SVDQuant linears that read the same
+      input: `op` ("w4a4_quantize_act" or "quantize_act_int8"), its constants (`tensors`:
+      smooth_inv, l_down, shift) and its `layers` in graph order.
     - `skipped[fqn]`: a linear left in FP and why.
     - `overrides[weight_fqn]`: key of a new FP value a pass gave a weight (a folded norm weight).
     """
@@ -41,6 +49,7 @@ class ArtifactData:
     layers: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, dict] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     unsaveable: str = ""  # why this graph's rewrite cannot be replayed ('' when it can)
     _on_device: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -56,6 +65,7 @@ class ArtifactData:
                 "save needs one: compile the model with one set of options"
             )
         self.layers.update(other.layers)
+        self.inputs.update(other.inputs)
         self.skipped.update(other.skipped)
         self.overrides.update(other.overrides)
         self.tensors.update(other.tensors)
@@ -72,7 +82,7 @@ class ArtifactData:
 
     def header(self) -> dict:
         return {"format": FORMAT_NAME, "version": VERSION, "config": self.config, "layers": self.layers,
-                "skipped": self.skipped, "overrides": self.overrides}
+                "skipped": self.skipped, "overrides": self.overrides, "inputs": self.inputs}
 
 
 # -- records kept while the model lives ------------------------------------------------------------
@@ -164,12 +174,15 @@ def read_header(path: str) -> dict:
         raise ArtifactError(f"artifact {path!r}: {JSON_NAME} is corrupted ({e}); save the artifact again") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise ArtifactError(f"artifact {path!r}: {JSON_NAME} is not a qoq artifact (format field missing or wrong)")
-    if header.get("version") != VERSION:
+    if header.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"artifact {path!r} has version {header.get('version')!r}; this qoq reads version {VERSION}. "
+            f"artifact {path!r} has version {header.get('version')!r}; this qoq reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. "
             "Save it again with this qoq (compile from the FP model, then qcompile.save)"
         )
-    for key in ("config", "layers", "skipped", "overrides", "tensors_sha256"):
+    if header["version"] == 1:
+        header.setdefault("inputs", {})
+    for key in ("config", "layers", "skipped", "overrides", "inputs", "tensors_sha256"):
         if key not in header:
             raise ArtifactError(f"artifact {path!r}: {JSON_NAME} lacks the field {key!r}; save the artifact again")
     return header
@@ -189,7 +202,8 @@ def load(path: str) -> ArtifactData:
     if not os.path.isfile(tensors_path):
         raise ArtifactError(f"artifact {path!r}: {TENSORS_NAME} is missing; save the artifact again")
     st = os.stat(tensors_path)
-    stamp = (st.st_size, st.st_mtime_ns, header["tensors_sha256"])
+    # The header is part of the stamp: a rewritten qoq.json over the same tensors is another artifact.
+    stamp = (st.st_size, st.st_mtime_ns, json.dumps(header, sort_keys=True))
     hit = _LOADED.get(path)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -203,9 +217,10 @@ def load(path: str) -> ArtifactData:
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"artifact {path!r}: {TENSORS_NAME} cannot be read ({e}); save the artifact again") from e
     data = ArtifactData(config=header["config"], layers=header["layers"], skipped=header["skipped"],
-                        overrides=header["overrides"], tensors=tensors)
+                        overrides=header["overrides"], inputs=header["inputs"], tensors=tensors)
     wanted = {k for layer in data.layers.values() for k in layer["tensors"].values()}
     wanted |= {k for layer in data.layers.values() for _, k in layer["input_ops"]}
+    wanted |= {k for shared in data.inputs.values() for k in shared["tensors"].values()}
     wanted |= set(data.overrides.values())
     missing = sorted(wanted - set(tensors))
     if missing:

@@ -195,7 +195,8 @@ def test_pass_on_flux_beats_rtn_and_shares_down_projections():
     for d in decisions:
         by_kind.setdefault(d.kind, []).extend(module_name(f) for f in d.fqns)
     assert {"x_embedder", "proj_out", "context_embedder"} <= set(by_kind["skip"])
-    assert "transformer_blocks.0.norm1.linear" in by_kind["weight_only"]
+    assert {"transformer_blocks.0.norm1.linear", "single_transformer_blocks.0.norm.linear",
+            "norm_out.linear"} <= set(by_kind["w4a8"])   # AdaLN: 4-bit weights on qoq.w4a8_gemm
     groups = [[module_name(f) for f in d.fqns] for d in decisions if d.kind == "lowrank"]
     assert ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
             "transformer_blocks.0.attn.to_v"] in groups
@@ -206,6 +207,11 @@ def test_pass_on_flux_beats_rtn_and_shares_down_projections():
     n_quant = targets.count(torch.ops.qoq.w4a4_quantize_act.default)
     n_gemm = targets.count(torch.ops.qoq.w4a4_gemm.default)
     assert n_quant == len(groups) and n_gemm == sum(len(g) for g in groups)
+    assert targets.count(torch.ops.qoq.w4a8_gemm.default) == len(by_kind["w4a8"])
+    # The AdaLN weights are read by the GEMM only (packed): the FP placeholder has no users left.
+    reads = {n.name for n in seen["graph"].nodes if n.op == "placeholder" and n.users}
+    norm1 = [r for r in reads if "transformer_blocks_modules_0_modules_norm1_modules_linear" in r]
+    assert norm1 and all("bias" in r for r in norm1), norm1   # its FP bias is still read; the weight is not
 
 
 @pytest.mark.slow

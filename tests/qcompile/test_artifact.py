@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import qcompile
-from runtime.artifact import JSON_NAME, TENSORS_NAME
+from runtime.artifact import JSON_NAME, TENSORS_NAME, VERSION
 
 
 def _tiny_llama(hidden: int = 128, layers: int = 1, seed: int = 0):
@@ -59,7 +59,7 @@ def test_artifact_round_trip_is_bit_identical_without_calibration(tmp_path, monk
     model = _tiny_llama()
     want = _compile_and_save(model, tmp_path / "a.qoq", {"recipe": recipe, "inductor": inductor, **_FAST})
     header = json.loads((tmp_path / "a.qoq" / JSON_NAME).read_text())
-    assert header["version"] == 1 and header["config"]["recipe"] == recipe
+    assert header["version"] == VERSION and header["config"]["recipe"] == recipe
     assert len(header["layers"]) == 7 and "lm_head" in header["skipped"]
     if recipe == "qoq":  # the folded norm weights travel too, or the numbers would differ
         assert any("layernorm" in k for k in header["overrides"])
@@ -128,8 +128,11 @@ def test_corrupted_or_wrong_version_artifact_is_a_clear_error(tmp_path):
 
     header = json.loads((path / JSON_NAME).read_text())
     (path / JSON_NAME).write_text(json.dumps(dict(header, version=99)))
-    with pytest.raises(Exception, match=r"has version 99; this qoq reads version 1"):
+    with pytest.raises(Exception, match=r"has version 99; this qoq reads versions 1, 2"):
         compile_it()
+    # Version 1 (before SVDQuant layers) had no shared inputs; it still reads.
+    (path / JSON_NAME).write_text(json.dumps({k: v for k, v in dict(header, version=1).items() if k != "inputs"}))
+    compile_it()
     (path / JSON_NAME).write_text(json.dumps(header)[:-40])
     with pytest.raises(Exception, match=r"qoq.json is corrupted"):
         compile_it()
