@@ -150,21 +150,36 @@ def _gemv_space8(bm):
             _g(bm, 16, 4, 4)]
 
 
+# M = 8-16 (v8): the tensor-core kernel with M padded to 16 (mma.sync: the unpacked weights stay in
+# registers) and split-K reduced inside the launch, so wide N tiles (less activation traffic per
+# weight byte) still give every SM programs. The v7 winners stay in the race.
+_SMALL_SPLIT = [
+    _c(16, 16, 2, 4, 4), _c(16, 32, 4, 3, 4), _c(16, 32, 4, 4, 4), _c(16, 64, 4, 3, 4, split=4),
+    _c(16, 32, 4, 3, 4, split=4), _c(16, 16, 2, 4, 4, split=2), _c(16, 32, 4, 3, 4, split=2),
+    _c(16, 64, 4, 3, 4, split=2), _c(16, 64, 4, 4, 4, split=8), _c(16, 128, 4, 3, 2, split=4),
+    _c(16, 128, 4, 3, 2, split=8), _c(16, 128, 8, 3, 4, split=4), _c(16, 32, 4, 3, 4, split=8),
+    _c(16, 64, 4, 4, 2, split=4), _c(16, 128, 4, 4, 2, split=2),
+]
+
 CANDIDATES = {
     "1": _gemv_space(1) + _SMALL,
     "2": _gemv_space(2) + _SMALL,
     "4": _gemv_space(4) + _SMALL,
     # Eight tokens: one accumulator tile per token (v7); 9-16 tokens run as two token tiles of 8
     # (the second reads the weight block from L2) or one of 16 (per-iteration reductions).
-    "8": _gemv_space8(8) + _SMALL,
-    "16": _gemv_space8(8) + [_g(16, 4, 16, 4)] + _SMALL,
+    "8": [_g(8, 4, 16, 4), _g(8, 4, 8, 2), _g(8, 16, 4, 4)] + _SMALL_SPLIT,
+    "16": [_g(8, 4, 8, 2), _g(8, 8, 8, 4)] + _SMALL_SPLIT,
     "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4, 2, vec=True), _c(64, 64, 4, 4, swap=True),
            _c(64, 64, 4, 3, 2, swap=True), _c(32, 64, 4, 3, 2, split=2), _c(64, 128, 4, 4, swap=True),
            _c(64, 64, 4, 4, swap=True, vec=True)],
     "256": [_c(128, 64, 4, 4), _c(64, 128, 4, 3, 4), _c(128, 128, 8, 3, swap=True), _c(128, 128, 4, 4, swap=True),
             _c(128, 64, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True, vec=True),
             _c(128, 64, 4, 4, swap=True, vec=True), _c(128, 128, 4, 3, 2, split=2, swap=True),
-            _c(128, 128, 4, 3, 2, split=2, swap=True, vec=True), _c(64, 64, 4, 4, swap=True)],
+            _c(128, 128, 4, 3, 2, split=2, swap=True, vec=True), _c(64, 64, 4, 4, swap=True),
+            # v8: split-K reduced in the launch: 128x128 tiles (the MMA-efficient ones) on enough SMs
+            _c(128, 128, 4, 4, swap=True, split=2), _c(128, 128, 8, 4, swap=True, split=2),
+            _c(64, 128, 4, 4, swap=True, split=2), _c(128, 64, 4, 4, swap=True, split=2),
+            _c(128, 128, 4, 4, swap=True, split=3)],
     "1024": [_c(128, 128, 4, 4, swap=True), _c(128, 128, 4, 4, swap=True, vec=True), _c(128, 128, 4, 4, swap=True, gm=16),
              _c(128, 128, 4, 4, swap=True, gm=16, vec=True), _c(128, 128, 4, 3, swap=True),
              _c(128, 128, 8, 4, swap=True), _c(128, 128, 8, 4, swap=True, vec=True), _c(128, 256, 8, 2, 4, swap=True),
@@ -416,6 +431,45 @@ def run(args) -> list[dict]:
     return rows
 
 
+def run_act_quant(args) -> list[dict]:
+    """The cost of per-token activation quantization after an RMSNorm (issue 6: no extra pass over X).
+
+    Three ways, each in the same CUDA-graph timing: the norm alone (Inductor), the norm with the
+    quantization fused into it (Inductor, through the op's decomposition), and the norm followed by
+    our separate quantization kernel (what eager / `inductor=False` runs).
+    """
+    from lowering.activation_quant import quantize_act_int8_triton
+
+    def norm(x, res, w):
+        h = (x + res).float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return w * h.to(x.dtype)
+
+    norm_c = torch.compile(norm)
+    fused_c = torch.compile(lambda x, res, w: torch.ops.qoq.quantize_act_int8(norm(x, res, w), "auto"))
+    rows = []
+    for K in (4096, 14336):
+        w = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+        for M in (1, 16, 256, 4096):
+            torch._dynamo.reset()
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            res = torch.randn_like(x)
+            row = {"M": M, "K": K}
+            row["norm_ms"] = gtime([lambda: norm_c(x, res, w)], args.calls, args.reps)
+            row["norm_fused_quant_ms"] = gtime([lambda: fused_c(x, res, w)], args.calls, args.reps)
+            row["norm_then_quant_kernel_ms"] = gtime([lambda: quantize_act_int8_triton(norm_c(x, res, w))],
+                                                     args.calls, args.reps)
+            got = fused_c(x, res, w)
+            want = quantize_act_int8_triton(norm_c(x, res, w))
+            row["codes_equal_to_separate_kernel_fraction"] = float((got[0] == want[0]).float().mean())
+            rows.append(row)
+            print(f"act-quant M={M:5d} K={K:5d} norm {1e3 * row['norm_ms']:.1f} us, norm+quant fused "
+                  f"{1e3 * row['norm_fused_quant_ms']:.1f} us, norm then quant kernel "
+                  f"{1e3 * row['norm_then_quant_kernel_ms']:.1f} us, same codes "
+                  f"{100 * row['codes_equal_to_separate_kernel_fraction']:.3f}%", flush=True)
+    return rows
+
+
 def write_configs(path: str, tuned: dict, sweep: list, meta: dict) -> None:
     """Best config per (format, shape, bucket), plus per bucket the best geometric mean over shapes.
 
@@ -489,7 +543,17 @@ def main():
     p.add_argument("--precompile-only", action="store_true")
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--act-quant", action="store_true",
+                   help="only time RMSNorm + activation quantization (fused by Inductor vs our separate kernel)")
     a = p.parse_args()
+    if a.act_quant:
+        rows = run_act_quant(a)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"meta": {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                                    "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit()},
+                           "act_quant": rows}, f, indent=1)
+        return
     a.shapes = SHAPES[:2] if a.quick else SHAPES
     if a.precompile:
         # N and K are runtime arguments (specialized only on divisibility, the same for every shape

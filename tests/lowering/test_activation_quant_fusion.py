@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -75,3 +77,43 @@ def test_inductor_fuses_quantization_into_the_norm_kernel():
     assert "int8" in code[code.find(kernels[0]):code.find("\n", code.find(kernels[0]))]  # the codes are its output
     assert torch.equal(x8, want[0]) and torch.equal(xsum, want[2])
     torch.testing.assert_close(sx, want[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+def test_gpu_inductor_codes_match_the_reference():
+    # On the GPU Inductor generates Triton (libdevice rounding, its own division lowering): still the
+    # reference's codes, for bf16 activations with outliers as after a norm.
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 4096, generator=g) * torch.rand(4096, generator=g).pow(8) * 40).to(torch.bfloat16)
+    fused = torch.compile(lambda t: torch.ops.qoq.quantize_act_int8(t, "auto"), backend="inductor")
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        got = [t.cpu() for t in fused(x.cuda())]
+    want = quantize_act_int8_reference(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.cuda
+def test_gpu_decode_step_runs_no_separate_quantization_kernel():
+    """The profiler's kernel list of a qoq decode step: the W4A8 GEMMs, and no activation-quantization kernel."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    lm = LlamaForCausalLM(cfg).eval().to("cuda", torch.bfloat16)
+    fwd = torch.compile(lm, backend="qoq", options={"recipe": "qoq", "kv_bits": 16})
+    ids = torch.randint(0, 256, (1, 8), device="cuda")
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+        fwd(input_ids=ids)
+        fwd(input_ids=ids)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fwd(input_ids=ids)
+            torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    print("\n".join(["CUDA kernels of one forward:"] + names))
+    assert any("w4a8_gemm" in n or "gemv" in n for n in names), names
+    assert not any("quantize_act_int8_kernel" in n for n in names), names
