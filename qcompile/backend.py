@@ -22,6 +22,7 @@ from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
 from qcompile.fallback import FallbackGuard, copy_graph
 from qcompile.artifact import artifact_config, record_constants, remember_graph, replay
+from runtime.kv_cache import ensure_kv4_buffers
 from runtime.artifact import ArtifactData, ArtifactError, load, records_for, remember
 from runtime.registry import GraphRecord, link_params, new_graph_record
 from runtime.weights import is_released, release
@@ -40,20 +41,28 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
     that it gets those very tensors. Dynamo reuses a graph for another module instance of the same
     code (regional compilation of repeated blocks): the packed weights baked into this graph belong
     to the first one, so other weights get their own compile (replaying the same quantization), never
-    the first one's numbers. KV caches need no such check: the KV4 ops find each cache's buffers at
-    run time (lowering/kv4_cache.py)."""
+    the first one's numbers. KV caches need no compile of their own: the KV4 ops find each cache's
+    buffers at run time (lowering/kv4_cache.py); the runner only makes a new cache's buffers first."""
     pristine = _copy_graph_module(gm)
-    fn, _ = _compile_once(gm, example_inputs, config)
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    fn, record = _compile_once(gm, example_inputs, config)
     indices = sorted({w.index for w in capture(pristine, example_inputs).weights.values()})
-    if not indices:
+    caches = [(placeholders.index(k), placeholders.index(v)) for k, v in _kv4_cache_inputs(record)]
+    if not indices and not caches:
         return fn
     variants: dict[tuple, tuple[list, Callable]] = {}
     # C-level loops: this runs on every call, a decode step of an 8B model checks ~290 tensors.
-    pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda a: (a[indices[0]],))
+    pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda a: (a[indices[0]],) if indices else ())
     expected_t = tuple(example_inputs[i] for i in indices)
+    last_cache: list = [example_inputs[caches[0][0]] if caches else None]
 
     @functools.wraps(fn)
     def run(*args):
+        # A cache the graph has not met yet (Dynamo reuses the graph for any cache its guards accept)
+        # gets its KV4 buffers here, outside the graph's run and so outside any CUDA-graph pool.
+        if caches and args[caches[0][0]] is not last_cache[0]:
+            ensure_kv4_buffers([(args[k], args[v]) for k, v in caches], config.release_fp_cache)
+            last_cache[0] = args[caches[0][0]]
         if all(map(operator.is_, pick(args), expected_t)):
             return fn(*args)
         key = tuple(map(id, pick(args)))
@@ -70,6 +79,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         return hit[1](*args)
 
     return run
+
+
+def _kv4_cache_inputs(record: GraphRecord) -> list[tuple[str, str]]:
+    """(K, V) placeholder names of the FP caches the KV4 pass rewrote (their buffers are found at run time)."""
+    return [tuple(layer.details["cache_inputs"]) for layer in record.layers
+            if layer.kind == "attention" and layer.quantized and "cache_inputs" in layer.details]
 
 
 def _copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:

@@ -95,6 +95,19 @@ def kv4_buffers_of(fp_keys: torch.Tensor) -> Optional[KV4LayerBuffers]:
     return _BUFFERS_BY_FP_CACHE.get(fp_keys)
 
 
+def ensure_kv4_buffers(fp_caches: list[tuple[torch.Tensor, torch.Tensor]], release_fp_cache: bool) -> None:
+    """Make the KV4 buffers of every (K, V) FP cache pair a compiled graph is about to get, before it
+    runs: under CUDA graphs the graph's own run (warm-up included) allocates from the CUDA-graph pool,
+    where buffers that outlive the run are not allowed (and would be freed under us)."""
+    for fp_keys, fp_values in fp_caches:
+        if fp_keys in _BUFFERS_BY_FP_CACHE:
+            continue
+        kv4_buffers_for(fp_keys, fp_values)
+        if release_fp_cache:
+            release_storage(fp_keys)
+            release_storage(fp_values)
+
+
 def release_storage(t: torch.Tensor) -> None:
     """Free a tensor's memory but keep its metadata (shape, stride, dtype), which is what Dynamo's
     guards check: for FP cache tensors that a rewritten graph no longer reads or writes."""
@@ -197,4 +210,4 @@ class KV4Cache(Cache):
         return 8 * self.nbytes / elements
 
 
-__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "kv4_buffers_for", "release_storage"]
+__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "kv4_buffers_for", "ensure_kv4_buffers", "release_storage"]

@@ -3,6 +3,7 @@ a small transformers Llama with StaticCache and of small functions in each write
 from __future__ import annotations
 
 import operator
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from lowering.kv4_append import kv4_alloc, kv4_append
 from lowering.kv4_attention import kv4_attention
 from passes.kv_cache import kv_cache
 from qcompile.capture import capture
-from runtime.kv_cache import KV4Cache, kv4_buffers_for
+import lowering.kv4_cache as kv4_cache_ops
+from runtime.kv_cache import KV4Cache, kv4_buffers_for, kv4_buffers_of
 
 L = 32
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton runs under the interpreter (conftest)
@@ -267,4 +269,29 @@ def test_a_new_cache_reuses_the_graph_and_gets_its_own_buffers():
     assert torch.equal(kv4_buffers_for(kc, vc).k_data, first)  # the first cache is untouched
     caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
     kv4_append(2 * k, v, *caches, pos, kernels="reference")
+    torch.testing.assert_close(out, kv4_attention(q, *caches, pos, None, 0.3, kernels="reference"))
+
+
+def test_the_backend_makes_a_new_caches_buffers_before_the_graph_runs():
+    """Under CUDA graphs the graph's own run allocates from the graph's pool, so the runner qoq returns
+    makes a new cache's KV4 buffers (and releases its FP storage, if asked) before calling the graph."""
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        return _read_repeat_kv(q, kc, vc, None)
+
+    q, k, v, kc, vc, pos = _args()
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="qoq", fullgraph=True, options={
+        "inductor": False, "kernels": "reference", "release_fp_cache": True})
+    compiled(q, k, v, kc, vc, pos)
+    assert kc.untyped_storage().nbytes() == 0 and kv4_buffers_of(kc) is not None
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    made = []
+    real = kv4_cache_ops._buffers
+    with patch.object(kv4_cache_ops, "_buffers", lambda *a: made.append(kv4_buffers_of(a[0])) or real(*a)):
+        out = compiled(q, k, v, kc2, vc2, pos)
+    assert made and all(b is not None for b in made)  # the ops found the buffers already made
+    assert kc2.untyped_storage().nbytes() == 0 and vc2.untyped_storage().nbytes() == 0
+    caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
+    kv4_append(k, v, *caches, pos, kernels="reference")
     torch.testing.assert_close(out, kv4_attention(q, *caches, pos, None, 0.3, kernels="reference"))
