@@ -148,12 +148,17 @@ def _group_dot(a_ptr, w_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _scale_add(acc, part, sa_ptr, sw_ptr, keep, HAS_KEEP: tl.constexpr, MAGIC_I2F: tl.constexpr):
-    """acc + float(part)·sa[m]·sw[n] for one group (times keep, 0 or 1, when HAS_KEEP)."""
-    sa = tl.load(sa_ptr)
-    if HAS_KEEP:
-        sa = sa * keep
-    sw = tl.load(sw_ptr).to(tl.float32)
+def _scale_add(acc, part, sa, sw, MAGIC_I2F: tl.constexpr, SW_ASM: tl.constexpr):
+    """acc + float(part)·sa[m]·sw[n] for one group (sa fp32 [BLOCK_M], sw as stored [BLOCK_N])."""
+    if SW_ASM and sw.dtype == tl.float16:
+        # The same conversion, opaque to Triton's layout pass: with `.to(tl.float32)` Triton 3.6
+        # moves the fp16 -> fp32 conversion after the scales' layout change (fewer bytes through
+        # shared memory), so every thread converts each of its 32 columns (32 HADD2 a group at
+        # 64x128); here each scale is converted once, before (sm_90 SASS: 354 -> 326 a group).
+        sw = tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [sw], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+    else:
+        sw = sw.to(tl.float32)
     if MAGIC_I2F:
         # int32 -> fp32 by integer arithmetic: |part| < 2^22, so part + bits(1.5·2^23) is the
         # float 1.5·2^23 + part, exact, and one subtraction leaves float(part); same bits as the
@@ -227,23 +232,43 @@ def _w4a4_gemm_kernel(
             else:
                 acc = tl.dot(lr, lu)
             acc = acc * unit
+    # The group scales are read one step ahead (loop-carried): Triton's pipeliner stages only
+    # the dot operands, and read where they are used the scales' global-load latency sat between
+    # each MMA and its scaling (sm_90 SASS: LDG of sa right after the wgmma wait, then its FMUL).
+    # Reads past the last group are clamped to it (in bounds) and never used.
+    sa0 = tl.load(sa_ptr)
+    sw0 = tl.load(sw_ptr)
+    if GROUPS == 2:
+        sa1 = tl.load(sa_ptr + tl.minimum(1, G - 1))
+        sw1 = tl.load(sw_ptr + tl.minimum(1, G - 1))
     for g in range(0, G, GROUPS):
         # Triton waits for each wgmma right after it here (its A operand is unpacked in registers
         # inside the loop, and the int32 result feeds CUDA-core math), so issuing two groups'
         # MMAs before either's scaling overlaps nothing and only keeps two int32 tiles live
         # (ptxas spills at 64x128 and up). GROUPS == 2 is an unroll by two groups instead: half
         # the loop's index and pipeline bookkeeping; the MMA/CUDA-core overlap comes from the
-        # two warpgroups (programs) that share each SM. With an odd group count the last step's
-        # second group re-reads group G−1 (in bounds, no masks) and is weighted by 0.
+        # programs that share each SM. With an odd group count the last step's second group
+        # re-reads group G−1 (in bounds, no masks) and is weighted by 0.
+        gn = tl.minimum(g + GROUPS, G - 1)
+        sa_next = tl.load(sa_ptr + gn)
+        sw_next = tl.load(sw_ptr + gn)
+        if GROUPS == 2:
+            gn1 = tl.minimum(g + GROUPS + 1, G - 1)
+            sa1_next = tl.load(sa_ptr + gn1)
+            sw1_next = tl.load(sw_ptr + gn1)
         p0 = _group_dot(a_ptr + g * 32, w_ptr + g * 32, BLOCK_M, BLOCK_N, UNPACK_ASM, A_UNSIGNED,
                         K_PERM)
-        acc = _scale_add(acc, p0, sa_ptr + g, sw_ptr + g, 1.0, False, MAGIC_I2F)
+        acc = _scale_add(acc, p0, sa0, sw0, MAGIC_I2F, UNPACK_ASM)
         if GROUPS == 2:
             g1 = tl.minimum(g + 1, G - 1)
             p1 = _group_dot(a_ptr + g1 * 32, w_ptr + g1 * 32, BLOCK_M, BLOCK_N, UNPACK_ASM,
                             A_UNSIGNED, K_PERM)
             keep = (g + 1 < G).to(tl.float32)
-            acc = _scale_add(acc, p1, sa_ptr + g1, sw_ptr + g1, keep, True, MAGIC_I2F)
+            acc = _scale_add(acc, p1, sa1 * keep, sw1, MAGIC_I2F, UNPACK_ASM)
+            sa1 = sa1_next
+            sw1 = sw1_next
+        sa0 = sa_next
+        sw0 = sw_next
     if A_UNSIGNED:
         acc = acc * (1.0 / 16.0)
     else:
