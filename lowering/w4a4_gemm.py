@@ -301,7 +301,8 @@ LR_MODE_DEFAULT = 2   # H100 sweep (BENCHMARKS.md): 1-3% faster than 0 and 1 at 
 # compile without spills for sm_90 (ptxas via Triton 3.9 on the CPU, with the branch, K_PERM, I2F):
 # 64x128 w4 and 64x256 w8 run 313-318 instructions a warp per group, 64 of them each I2FP, FMUL and
 # FFMA (the scaling's floor); tiles whose weight scales Triton loads per column (128x64, 64x64,
-# 256x64) add ~50. 128x128 (4 or 8 warps) and GROUPS = 2 at 64x128 and up spill, so they are out.
+# 256x64) add ~50. 128x128 (4 or 8 warps) and GROUPS = 2 at 64x128 and up spill, so they are out;
+# 256x64 w8 and 64x64 GROUPS = 2 lost to the rest on every Flux shape (H100 sweep, v3).
 # Each program waits for its own MMA before scaling (see the main loop), so the tensor cores work
 # while *other* programs of the SM scale: 64x128 w4 takes 212 registers (2 programs an SM); capped
 # at 168 (maxnreg) it fits 3 with 8 bytes of stack outside the loop and +7 instructions in it.
@@ -309,10 +310,10 @@ GPU_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
                   num_stages=s, maxnreg=r)
     for bm, bn, w, s, gr, r in [
-        (64, 128, 4, 3, 1, None), (64, 128, 4, 4, 1, None), (64, 128, 4, 3, 1, 168),
-        (64, 128, 4, 4, 1, 168), (64, 256, 8, 3, 1, None), (64, 256, 8, 4, 1, None),
-        (128, 64, 4, 3, 1, None), (128, 64, 4, 4, 1, None), (256, 64, 8, 3, 1, None),
-        (64, 64, 4, 4, 2, None), (32, 64, 4, 4, 1, None), (16, 64, 4, 4, 1, None),
+        (64, 128, 4, 3, 1, None), (64, 128, 4, 4, 1, None), (64, 128, 4, 2, 1, 168),
+        (64, 128, 4, 3, 1, 168), (64, 128, 4, 4, 1, 168), (64, 256, 8, 3, 1, None),
+        (128, 64, 4, 3, 1, None), (64, 64, 4, 3, 1, None), (32, 64, 4, 4, 1, None),
+        (16, 64, 4, 4, 1, None),
     ]
 ]
 # Two groups a step, so odd group counts test the masked tail under the interpreter.
