@@ -200,8 +200,8 @@ def test_shipped_configs_name_known_keys_and_fit_their_buckets():
 
     import lowering.w4a8_gemm as wg
 
-    # the GEMM's tables are named by GPU alone; other ops' tables carry their op's prefix (kv4-attention-)
-    files = [f for f in os.listdir(wg.CONFIG_DIR) if f.endswith(".json") and not f.startswith("kv4-")]
+    # the GEMM's tables are named by GPU alone; other ops' tables carry their op's prefix (kv4-attention-, w4a4-)
+    files = [f for f in os.listdir(wg.CONFIG_DIR) if f.endswith(".json") and not f.startswith(("kv4-", "w4a4-"))]
     assert files
     for f in files:
         table = json.load(open(os.path.join(wg.CONFIG_DIR, f)))
