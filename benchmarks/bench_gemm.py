@@ -408,6 +408,11 @@ def run(args) -> list[dict]:
                     cfg = dict(zip(wg.CONFIG_KEYS, wg.choose_config(bucket, N, K, fmt == "g128", 0, min(M, 4096))))
                 row[f"qoq_{fmt}"] = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
                 row[f"qoq_{fmt}_cfg"] = cfg
+                if cfg.get("GEMV") and fmt == "g128":
+                    # v8 changed the GEMV's progressive unpack (dot with q − z, times s2 after): the
+                    # v7 unpack in the same run, for the comparison.
+                    row["qoq_g128_s2_before"] = gtime(_ours(x8, xs, xsum, copies, dict(cfg, S2_AFTER=False)),
+                                                      n_calls, reps)
                 row[f"qoq_{fmt}_with_act_quant"] = gtime([lambda c=c: wg.w4a8_gemm_triton(
                     *quantize_act_int8(x, "triton"), c[0], c[1], c[2], c[3], None, torch.bfloat16, config=cfg)
                     for c in copies], n_calls, reps)

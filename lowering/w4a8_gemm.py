@@ -440,8 +440,21 @@ and.b32 $1, t, 0x0F0F0F0F;
 
 
 @triton.jit
-def _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr):
-    """int32 packed words -> (lo, hi) int32 words, each four int8 weights (bytes in K order)."""
+def _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE: tl.constexpr, USE_ASM: tl.constexpr,
+                  S2_AFTER: tl.constexpr = False):
+    """int32 packed words -> (lo, hi) int32 words, each four int8 weights (bytes in K order).
+
+    S2_AFTER (progressive): the words hold q − z instead (z replicated over a word in z_lo / z_hi),
+    and the caller multiplies the dot product by s2.
+    """
+    if PROGRESSIVE and S2_AFTER:
+        # q − z in [−15, 15] per byte: 0x80 | q is at least 128 > z, so the byte-wise subtraction
+        # never borrows across bytes; the xor turns 128 + (q − z) into its int8 bits. Plain
+        # Triton: ptxas fuses the mask and the or into one LOP3 (no asm twin needed).
+        u = w.to(tl.uint32, bitcast=True)
+        lo = (((u & 0x0F0F0F0F) | 0x80808080) - z_lo.to(tl.uint32)) ^ 0x80808080
+        hi = ((((u >> 4) & 0x0F0F0F0F) | 0x80808080) - z_hi.to(tl.uint32)) ^ 0x80808080
+        return lo.to(tl.int32, bitcast=True), hi.to(tl.int32, bitcast=True)
     if USE_ASM:
         if PROGRESSIVE:
             lo, hi = tl.inline_asm_elementwise(
@@ -489,8 +502,35 @@ PER_TOKEN_ACC = tl.constexpr(8)  # tokens that get their own accumulator tile in
 
 
 @triton.jit
-def _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr):
-    """Packed words [rows, chunks, 16] of chunks c0.. and their group scales (zeros past the end)."""
+def _zero_word(s, zs):
+    """z (= z·s2 / s2, exact: the format stores z·s2 with z in [0, 15]) replicated over a word's four bytes."""
+    # In float on the [rows, chunks, 1] scale tile (once per 4 weight words a thread): the quotient
+    # is an integer <= 15, so an approximate division rounds back to it exactly. s = 0 only in the
+    # K padding past the last chunk (loaded as zeros), where z must be 0.
+    z = (zs.to(tl.float32) / tl.maximum(s, 1).to(tl.float32) + 0.5).to(tl.int32)
+    return z * 0x01010101
+
+
+@triton.jit
+def _gemv_mac(acc, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr,
+              S2_AFTER: tl.constexpr, USE_ASM: tl.constexpr):
+    """acc += the dot of one token's activation words with the weight words (lo, hi)."""
+    if PROGRESSIVE and S2_AFTER:
+        # Σ x·(q·s2 − z·s2) = s2 · Σ x·(q − z): integers, so exactly the same sum.
+        if GROUP_SIZE % 128 == 0:
+            return acc + s_lo * _dp4a(lo, xa, _dp4a(hi, xb, 0, USE_ASM), USE_ASM)
+        else:
+            return acc + s_lo * _dp4a(lo, xa, 0, USE_ASM) + s_hi * _dp4a(hi, xb, 0, USE_ASM)
+    else:
+        return _dp4a(lo, xa, _dp4a(hi, xb, acc, USE_ASM), USE_ASM)
+
+
+@triton.jit
+def _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks, GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr,
+                      S2_AFTER: tl.constexpr = False):
+    """Packed words [rows, chunks, 16] of chunks c0.. and their group scales (zeros past the end).
+
+    With S2_AFTER the zeros come back as z replicated over a word (see `_unpack_words`)."""
     c = c0 + ch
     c_ok = (c < n_chunks)[None, :, None]
     w = tl.load(w_tile + c0 * 16, mask=c_ok, other=0)
@@ -505,6 +545,12 @@ def _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks, GROUP_SIZE: tl
             g_hi = ((c * 128 + 64) // GROUP_SIZE)[None, :, None]
             s_hi = tl.load(gs_rows + g_hi, mask=c_ok, other=0).to(tl.int32)
             z_hi = tl.load(gz_rows + g_hi, mask=c_ok, other=0).to(tl.int32)
+        if S2_AFTER:
+            z_lo = _zero_word(s_lo, z_lo)
+            if GROUP_SIZE % 128 == 0:
+                z_hi = z_lo
+            else:
+                z_hi = _zero_word(s_hi, z_hi)
     else:
         s_lo = w  # unused
         z_lo = w
@@ -531,6 +577,7 @@ def _w4a8_gemv_kernel(
     EVEN_K: tl.constexpr,  # K % 128 == 0
     PREFETCH: tl.constexpr,  # load the next K tile before computing this one
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent (see w4a8_gemm_triton)
+    S2_AFTER: tl.constexpr,  # progressive: dot with q − z, times s2 after (fewer instructions a word)
 ):
     if USE_PDL:
         # The next kernel may launch once every program here has started: its own weight loads
@@ -570,7 +617,7 @@ def _w4a8_gemv_kernel(
     n_chunks = tl.cdiv(K4, 32)
     if PREFETCH:
         w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, 0, ch, n_chunks,
-                                                               GROUP_SIZE, PROGRESSIVE)
+                                                               GROUP_SIZE, PROGRESSIVE, S2_AFTER)
     if USE_PDL:
         # Everything before this reads weights only; the activations (and the output buffer,
         # which the previous kernel may still be reading) wait until that kernel has finished.
@@ -583,11 +630,11 @@ def _w4a8_gemv_kernel(
             # (Triton's pipeliner only stages loads that feed a dot).
             w, s_lo, z_lo, s_hi, z_hi = w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n
             w_n, s_lo_n, z_lo_n, s_hi_n, z_hi_n = _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0 + UNROLL, ch,
-                                                                   n_chunks, GROUP_SIZE, PROGRESSIVE)
+                                                                   n_chunks, GROUP_SIZE, PROGRESSIVE, S2_AFTER)
         else:
             w, s_lo, z_lo, s_hi, z_hi = _gemv_weight_tile(w_tile, gs_rows, gz_rows, c0, ch, n_chunks,
-                                                          GROUP_SIZE, PROGRESSIVE)
-        lo, hi = _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE, USE_ASM)
+                                                          GROUP_SIZE, PROGRESSIVE, S2_AFTER)
+        lo, hi = _unpack_words(w, s_lo, z_lo, s_hi, z_hi, PROGRESSIVE, USE_ASM, S2_AFTER)
         # Activation words of the low and high halves; K padding (and rows past M) read as zero,
         # which also zeroes the padded weights' -z·s2.
         # Built with the weight tile's full shape (each row of it reading the same words), so the
@@ -609,23 +656,23 @@ def _w4a8_gemv_kernel(
                 xb = tl.load(x_row + xk_hi, mask=xk_hi < K4, other=0)
             if ROWS <= PER_TOKEN_ACC:
                 if m == 0:
-                    acc0 = _dp4a(lo, xa, _dp4a(hi, xb, acc0, USE_ASM), USE_ASM)
+                    acc0 = _gemv_mac(acc0, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 1:
-                    acc1 = _dp4a(lo, xa, _dp4a(hi, xb, acc1, USE_ASM), USE_ASM)
+                    acc1 = _gemv_mac(acc1, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 2:
-                    acc2 = _dp4a(lo, xa, _dp4a(hi, xb, acc2, USE_ASM), USE_ASM)
+                    acc2 = _gemv_mac(acc2, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 3:
-                    acc3 = _dp4a(lo, xa, _dp4a(hi, xb, acc3, USE_ASM), USE_ASM)
+                    acc3 = _gemv_mac(acc3, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 4:
-                    acc4 = _dp4a(lo, xa, _dp4a(hi, xb, acc4, USE_ASM), USE_ASM)
+                    acc4 = _gemv_mac(acc4, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 5:
-                    acc5 = _dp4a(lo, xa, _dp4a(hi, xb, acc5, USE_ASM), USE_ASM)
+                    acc5 = _gemv_mac(acc5, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 6:
-                    acc6 = _dp4a(lo, xa, _dp4a(hi, xb, acc6, USE_ASM), USE_ASM)
+                    acc6 = _gemv_mac(acc6, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 elif m == 7:
-                    acc7 = _dp4a(lo, xa, _dp4a(hi, xb, acc7, USE_ASM), USE_ASM)
+                    acc7 = _gemv_mac(acc7, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
             else:
-                d = _dp4a(lo, xa, _dp4a(hi, xb, 0, USE_ASM), USE_ASM)
+                d = _gemv_mac(0, lo, hi, xa, xb, s_lo, s_hi, GROUP_SIZE, PROGRESSIVE, S2_AFTER, USE_ASM)
                 part = tl.sum(tl.sum(d, axis=2), axis=1)  # [BLOCK_N]
                 acc += tl.where(m_idx[None, :] == m, part[:, None], 0)
     if ROWS <= PER_TOKEN_ACC:
@@ -668,8 +715,9 @@ def _w4a8_gemv_kernel(
 # benchmarks/bench_gemm.py --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
 M_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC", "GEMV",
-               "PDL")
-CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False)
+               "PDL", "S2_AFTER")
+# S2_AFTER (GEMV, progressive): dot with q − z and scale by s2 after it (v8); False = the v5-v7 unpack
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False, True)
 _GEMV = CONFIG_KEYS.index("GEMV")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GEMV_MAX_M = 4  # untuned GPUs: the GEMV kernel up to this M (its CUDA-core work grows with M; H100 sweep)
@@ -735,8 +783,8 @@ def _interpreter_config(M: int) -> tuple:
     # Tall GEMV tiles here: per-program interpreter overhead dominates, so 128 rows x 8 chunks ran
     # as fast as the tensor-core kernel's interpreter tiles (32 x 4 ran 2-6x slower).
     if M <= 4:
-        return (triton.next_power_of_2(M), 128, 1, 1, 4, 1, False, 8, False, True, False)
-    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False, False)
+        return (triton.next_power_of_2(M), 128, 1, 1, 4, 1, False, 8, False, True, False, True)
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False, False, True)
 
 
 def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[torch.Tensor]) -> bool:
@@ -755,7 +803,8 @@ def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[tor
     return True
 
 
-def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm, pdl=False):
+def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm, pdl=False,
+                 s2_after=True):
     M, K = x8.shape
     N = qweight.shape[0]
     if x8.stride(0) % 4 or x8.storage_offset() % 4:
@@ -771,7 +820,7 @@ def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, 
         x8.stride(0) // 4, qweight.stride(0) // 4, gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD, PROGRESSIVE=progressive,
         HAS_BIAS=bias is not None, USE_ASM=use_asm, BLOCK_M=bm, BLOCK_N=bn, UNROLL=unroll, ROWS=min(bm, M),
-        EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2, USE_PDL=pdl,
+        EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2, USE_PDL=pdl, S2_AFTER=bool(s2_after),
         num_warps=nw, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y
@@ -826,7 +875,7 @@ def w4a8_gemm_triton(
         # A GEMV config for operands it cannot read (K not a multiple of 4, groups of 32, ...):
         # the tensor-core kernel with its untuned small-M tiles.
         cfg = tuple(heuristic_config(M, N, K, gemv=False).get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
-    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv, pdl = cfg
+    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv, pdl, s2_after = cfg
     if use_asm is None:
         use_asm = on_gpu
     # PDL: launched as a programmatic dependent of the kernel before it, the kernel starts during
@@ -836,7 +885,7 @@ def w4a8_gemm_triton(
     if gemv and M > 0:
         y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
         return _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns,
-                            use_asm, pdl).reshape(*lead, N)
+                            use_asm, pdl, s2_after).reshape(*lead, N)
     y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
     if M == 0:
         return y.reshape(*lead, N)

@@ -82,6 +82,7 @@ VARIANTS = [
     dict(GEMV=True, BLOCK_M=1, BLOCK_N=8, UNROLL=4),
     dict(GEMV=True, BLOCK_M=4, BLOCK_N=16, UNROLL=2, num_stages=2),
     dict(GEMV=True, BLOCK_M=8, BLOCK_N=4, UNROLL=16, num_stages=2),
+    dict(GEMV=True, BLOCK_M=4, BLOCK_N=8, UNROLL=2, num_stages=2, S2_AFTER=False),  # the v7 progressive unpack
     # Launched as programmatic dependents (GPU only; the interpreter launches them plainly).
     dict(GEMV=True, BLOCK_M=2, BLOCK_N=8, UNROLL=4, num_stages=2, PDL=True),
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=2, UNROLL=2, PDL=True),
