@@ -840,8 +840,18 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     if have is None or have.numel() < n:
         if have is not None:
             _OLD_COUNTERS.append(have)
-        have = torch.zeros(max(n, 1024, 2 * (have.numel() if have is not None else 0)), dtype=torch.int32,
-                           device=device)
+        size = max(n, 1024, 2 * (have.numel() if have is not None else 0))
+        if device.type == "cuda":
+            # Made on a side stream: under torch.compile's CUDA graphs the first (warm-up) run allocates
+            # from the graph's private pool for the current stream only, and a tensor that outlives the
+            # run there is an error ("not tracked as outputs"). The side stream's memory is ordinary.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                have = torch.zeros(size, dtype=torch.int32, device=device)
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            have = torch.zeros(size, dtype=torch.int32, device=device)
         _COUNTERS[key] = have
     return have
 
