@@ -115,16 +115,22 @@ INT8_CONFIGS = [
 ]
 
 
-def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8, vec=False):
+def _c(bm, bn, nw, ns, unroll=1, split=1, swap=False, gm=8, vec=False, pf=False):
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, num_warps=nw, num_stages=ns,
-                SWAP=swap, UNROLL=unroll, VEC=vec, GEMV=False)
+                SWAP=swap, UNROLL=unroll, VEC=vec, GEMV=False, **({"PREFETCH_SCALES": True} if pf else {}))
 
 
-def _g(bm, bn, unroll, nw, prefetch=True, pdl=False):
+def _g(bm, bn, unroll, nw, prefetch=True, pdl=False, s2_after=False):
     # The CUDA-core GEMV kernel: bn weight rows x unroll 128-wide K chunks per iteration; num_stages
     # 2 = the next tile's loads issued before this one is computed (register double buffer).
     return dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=1, SPLIT_K=1, num_warps=nw, num_stages=2 if prefetch else 1,
-                SWAP=False, UNROLL=unroll, VEC=False, GEMV=True, PDL=pdl)
+                SWAP=False, UNROLL=unroll, VEC=False, GEMV=True, PDL=pdl, **({"S2_AFTER": True} if s2_after else {}))
+
+
+def _gemv_space_s2(bm):
+    # v8's progressive unpack (q − z, times s2 after the dot) on the GEMV tiles that won somewhere
+    return [_g(bm, 4, 8, 4, s2_after=True), _g(bm, 4, 16, 4, s2_after=True), _g(bm, 8, 4, 4, s2_after=True),
+            _g(bm, 16, 4, 4, s2_after=True), _g(bm, 2, 16, 2, s2_after=True), _g(bm, 4, 8, 2, s2_after=True)]
 
 
 
@@ -159,12 +165,17 @@ _SMALL_SPLIT = [
     _c(16, 64, 4, 3, 4, split=2), _c(16, 64, 4, 4, 4, split=8), _c(16, 128, 4, 3, 2, split=4),
     _c(16, 128, 4, 3, 2, split=8), _c(16, 128, 8, 3, 4, split=4), _c(16, 32, 4, 3, 4, split=8),
     _c(16, 64, 4, 4, 2, split=4), _c(16, 128, 4, 4, 2, split=2),
+    # v9: the UNROLL 4 ones with the group-scale words loaded one iteration ahead
+    _c(16, 16, 2, 4, 4, pf=True), _c(16, 32, 4, 3, 4, pf=True), _c(16, 32, 4, 4, 4, pf=True),
+    _c(16, 64, 4, 3, 4, split=4, pf=True), _c(16, 32, 4, 3, 4, split=4, pf=True), _c(16, 16, 2, 4, 4, split=2, pf=True),
+    _c(16, 32, 4, 3, 4, split=2, pf=True), _c(16, 64, 4, 3, 4, split=2, pf=True), _c(16, 64, 4, 4, 4, split=8, pf=True),
+    _c(16, 32, 4, 3, 4, split=8, pf=True), _c(16, 64, 4, 4, 4, pf=True), _c(32, 64, 4, 4, 4, swap=True, pf=True),
 ]
 
 CANDIDATES = {
-    "1": _gemv_space(1) + _SMALL,
-    "2": _gemv_space(2) + _SMALL,
-    "4": _gemv_space(4) + _SMALL,
+    "1": _gemv_space(1) + _gemv_space_s2(1),
+    "2": _gemv_space(2) + _gemv_space_s2(2),
+    "4": _gemv_space(4) + _gemv_space_s2(4) + _SMALL_SPLIT[:5] + _SMALL_SPLIT[15:20] + [_c(64, 64, 4, 4, 2, swap=True)],
     # Eight tokens: one accumulator tile per token (v7); 9-16 tokens run as two token tiles of 8
     # (the second reads the weight block from L2) or one of 16 (per-iteration reductions).
     "8": [_g(8, 4, 16, 4), _g(8, 4, 8, 2), _g(8, 16, 4, 4)] + _SMALL_SPLIT,
@@ -179,11 +190,15 @@ CANDIDATES = {
             # v8: split-K reduced in the launch: 128x128 tiles (the MMA-efficient ones) on enough SMs
             _c(128, 128, 4, 4, swap=True, split=2), _c(128, 128, 8, 4, swap=True, split=2),
             _c(64, 128, 4, 4, swap=True, split=2), _c(128, 64, 4, 4, swap=True, split=2),
-            _c(128, 128, 4, 4, swap=True, split=3)],
+            _c(128, 128, 4, 4, swap=True, split=3),
+            # v9: four tiles an iteration with the scale words one iteration ahead
+            _c(64, 128, 4, 3, 4, pf=True), _c(128, 128, 4, 4, 4, swap=True, pf=True),
+            _c(64, 128, 4, 4, 4, swap=True, pf=True), _c(128, 64, 4, 4, 4, swap=True, pf=True)],
     "1024": [_c(128, 128, 4, 4, swap=True), _c(128, 128, 4, 4, swap=True, vec=True), _c(128, 128, 4, 4, swap=True, gm=16),
              _c(128, 128, 4, 4, swap=True, gm=16, vec=True), _c(128, 128, 4, 3, swap=True),
              _c(128, 128, 8, 4, swap=True), _c(128, 128, 8, 4, swap=True, vec=True), _c(128, 256, 8, 2, 4, swap=True),
-             _c(256, 128, 8, 3, swap=True), _c(128, 128, 4, 4)],
+             _c(256, 128, 8, 3, swap=True), _c(128, 128, 4, 4),
+             _c(128, 128, 4, 4, 4, swap=True, pf=True), _c(128, 128, 8, 4, 4, swap=True, pf=True)],
 }
 CANDIDATES["4096"] = CANDIDATES["1024"]
 CANDIDATES["big"] = CANDIDATES["1024"]
@@ -373,8 +388,8 @@ def run(args) -> list[dict]:
                     # Checked in bf16 output (the timed specialization, already compiled), so within rounding.
                     ref = wg.w4a8_gemm_reference(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None, torch.bfloat16).float()
                     for cfg in CANDIDATES[bucket]:
-                        if cfg["VEC"] and fmt != "g128":
-                            continue  # only the group scales have a word-load variant
+                        if (cfg["VEC"] or cfg.get("PREFETCH_SCALES") or cfg.get("S2_AFTER")) and fmt != "g128":
+                            continue  # only the group scales have word-load / prefetch variants
                         try:
                             got = wg.w4a8_gemm_triton(x8, xs, xsum, c0[0], c0[1], c0[2], c0[3], None,
                                                       torch.bfloat16, config=cfg).float()
@@ -409,10 +424,11 @@ def run(args) -> list[dict]:
                 row[f"qoq_{fmt}"] = gtime(_ours(x8, xs, xsum, copies, cfg), n_calls, reps)
                 row[f"qoq_{fmt}_cfg"] = cfg
                 if cfg.get("GEMV") and fmt == "g128":
-                    # v8 changed the GEMV's progressive unpack (dot with q − z, times s2 after): the
-                    # v7 unpack in the same run, for the comparison.
-                    row["qoq_g128_s2_before"] = gtime(_ours(x8, xs, xsum, copies, dict(cfg, S2_AFTER=False)),
-                                                      n_calls, reps)
+                    # The GEMV's two progressive unpacks (v7: q·s2 − z·s2 per byte; v8: q − z, times
+                    # s2 after the dot) on the chosen tiles, in the same run, for the comparison.
+                    for flag in (False, True):
+                        row[f"qoq_g128_s2_after_{flag}"] = gtime(
+                            _ours(x8, xs, xsum, copies, dict(cfg, S2_AFTER=flag)), n_calls, reps)
                 row[f"qoq_{fmt}_with_act_quant"] = gtime([lambda c=c: wg.w4a8_gemm_triton(
                     *quantize_act_int8(x, "triton"), c[0], c[1], c[2], c[3], None, torch.bfloat16, config=cfg)
                     for c in copies], n_calls, reps)

@@ -267,6 +267,7 @@ def _w4a8_gemm_kernel(
     SWAP: tl.constexpr,  # weights as the MMA's A operand
     UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent: only the launch overlaps here
+    PREFETCH_SCALES: tl.constexpr,  # UNROLL 4 word scales: load the next iteration's during this one
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -314,12 +315,30 @@ def _w4a8_gemm_kernel(
     # loop-carried prefetch stops Triton's pipeliner), so UNROLL tiles per iteration issue their
     # scale loads together: one exposed load latency per UNROLL tiles. The launcher makes the
     # split's tile count a multiple of UNROLL.
+    WORDS4: tl.constexpr = UNROLL == 4 and PROGRESSIVE and WORD_SCALES_OK
+    if WORDS4 and PREFETCH_SCALES:
+        # The scale words of the first iteration; each iteration then loads the next one's, so a
+        # load's latency hides behind a whole iteration of MMAs instead of stalling it (plain
+        # loads: Triton's pipeliner stages only what feeds a dot).
+        w4 = tl.arange(0, 4)[None, :]
+        first = (w4 * 0 + t_begin) < t_end  # (a tensor: the interpreter takes no scalar masks)
+        gs_next = tl.load(gs_rows[:, None] + tl.multiple_of(t_begin, 4) + w4, mask=first, other=0)
+        gz_next = tl.load(gz_rows[:, None] + tl.multiple_of(t_begin, 4) + w4, mask=first, other=0)
     for t in range(t_begin, t_end, UNROLL):
-        if UNROLL == 4 and PROGRESSIVE and WORD_SCALES_OK:
+        if WORDS4:
             # The four tiles' groups are the four bytes of one aligned word per row.
             g0 = tl.multiple_of(t, 4)
-            s0, s1, s2, s3 = _split4(tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
-            z0, z1, z2, z3 = _split4(tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :]), BLOCK_N)
+            if PREFETCH_SCALES:
+                gs_word = gs_next
+                gz_word = gz_next
+                more = (w4 * 0 + t + 4) < t_end
+                gs_next = tl.load(gs_rows[:, None] + g0 + 4 + w4, mask=more, other=0)
+                gz_next = tl.load(gz_rows[:, None] + g0 + 4 + w4, mask=more, other=0)
+            else:
+                gs_word = tl.load(gs_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
+                gz_word = tl.load(gz_rows[:, None] + g0 + tl.arange(0, 4)[None, :])
+            s0, s1, s2, s3 = _split4(gs_word, BLOCK_N)
+            z0, z1, z2, z3 = _split4(gz_word, BLOCK_N)
             sc0 = (s0, z0, s0, z0)
             sc1 = (s1, z1, s1, z1)
             sc2 = (s2, z2, s2, z2)
@@ -715,9 +734,12 @@ def _w4a8_gemv_kernel(
 # benchmarks/bench_gemm.py --sweep), keyed by format, "N,K" and M bucket, so a first call never autotunes.
 M_BUCKETS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096)  # a bucket holds the M up to its bound; past the last: "big"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_stages", "SWAP", "UNROLL", "VEC", "GEMV",
-               "PDL", "S2_AFTER")
-# S2_AFTER (GEMV, progressive): dot with q − z and scale by s2 after it (v8); False = the v5-v7 unpack
-CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False, True)
+               "PDL", "S2_AFTER", "PREFETCH_SCALES")
+# S2_AFTER (GEMV, progressive): dot with q − z and scale by s2 after it (v8: faster on two shapes,
+# slower on two, so tuned per shape); False = the v5-v7 unpack.
+# PREFETCH_SCALES (tensor-core kernel, progressive, UNROLL 4): next iteration's group-scale words
+# loaded during this one (v9).
+CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False, False, False)
 _GEMV = CONFIG_KEYS.index("GEMV")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 GEMV_MAX_M = 4  # untuned GPUs: the GEMV kernel up to this M (its CUDA-core work grows with M; H100 sweep)
@@ -783,8 +805,8 @@ def _interpreter_config(M: int) -> tuple:
     # Tall GEMV tiles here: per-program interpreter overhead dominates, so 128 rows x 8 chunks ran
     # as fast as the tensor-core kernel's interpreter tiles (32 x 4 ran 2-6x slower).
     if M <= 4:
-        return (triton.next_power_of_2(M), 128, 1, 1, 4, 1, False, 8, False, True, False, True)
-    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False, False, True)
+        return (triton.next_power_of_2(M), 128, 1, 1, 4, 1, False, 8, False, True, False, True, False)
+    return (max(16, min(64, triton.next_power_of_2(M))), 64, 8, 1, 4, 1, False, 1, False, False, False, True, False)
 
 
 def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[torch.Tensor]) -> bool:
@@ -804,7 +826,7 @@ def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[tor
 
 
 def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm, pdl=False,
-                 s2_after=True):
+                 s2_after=False):
     M, K = x8.shape
     N = qweight.shape[0]
     if x8.stride(0) % 4 or x8.storage_offset() % 4:
@@ -885,7 +907,7 @@ def w4a8_gemm_triton(
         # A GEMV config for operands it cannot read (K not a multiple of 4, groups of 32, ...):
         # the tensor-core kernel with its untuned small-M tiles.
         cfg = tuple(heuristic_config(M, N, K, gemv=False).get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))
-    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv, pdl, s2_after = cfg
+    bm, bn, gm, split, nw, ns, swap, unroll, vec, gemv, pdl, s2_after, prefetch_scales = cfg
     if use_asm is None:
         use_asm = on_gpu
     # PDL: launched as a programmatic dependent of the kernel before it, the kernel starts during
@@ -919,7 +941,8 @@ def w4a8_gemm_triton(
         x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
         EVEN_K=K % K_PAD == 0, WORD_SCALES_OK=word_ok, VEC_SCALES=bool(word_ok and vec), BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
-        USE_PDL=pdl, num_warps=nw, num_stages=ns, **({"launch_pdl": True} if pdl else {}),
+        USE_PDL=pdl, PREFETCH_SCALES=bool(prefetch_scales), num_warps=nw, num_stages=ns,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y.reshape(*lead, N)
 

@@ -74,6 +74,8 @@ def test_triton_matches_reference_with_scales_and_bias(fmt, group, lead, n, k, d
 VARIANTS = [
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, UNROLL=1),
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, UNROLL=4),
+    dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=3, UNROLL=4, PREFETCH_SCALES=True),  # group-scale words one iteration ahead
+    dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, UNROLL=4, PREFETCH_SCALES=True, SWAP=True),
     dict(BLOCK_M=16, BLOCK_N=64, SPLIT_K=1, UNROLL=2, SWAP=True),
     dict(BLOCK_M=32, BLOCK_N=32, SPLIT_K=2, UNROLL=2, SWAP=True),
     dict(BLOCK_M=16, BLOCK_N=32, SPLIT_K=1, UNROLL=1, VEC=True),
