@@ -8,9 +8,11 @@ qoq (`--recipe`, svdquant by default) vs torch.compile bf16. Prints a table, wri
     python benchmarks/bench_diffusion.py --memory --out mem.json               # weight memory, CPU
 
 A step is one transformer forward (the sampler's update is negligible beside it); median of
-`--steps` timed forwards after `--warmup`, with CUDA events around each. Weight memory counts the
-distinct storages of the parameters and buffers plus qoq's packed tensors, after qoq released the
-FP storage of the layers it quantized.
+`--steps` timed forwards after `--warmup`, with CUDA events around each. Weight memory, two ways:
+measured (`weights_GiB`: torch.cuda.memory_allocated after building the model, and its change
+across qoq's compile, FP release and the timed steps, allocator caches emptied) and counted
+(`weights_counted_GiB`: the distinct storages of the parameters and buffers plus every constant
+qoq's passes attached, after the release).
 """
 from __future__ import annotations
 
@@ -102,13 +104,23 @@ def time_steps(fn, inputs: dict, a, device: str) -> dict:
             "out_rms": float(out.float().pow(2).mean().sqrt())}
 
 
-def weight_bytes(model) -> int:
-    from passes.quantize import _CACHE
+def weight_bytes(model, constants=()) -> int:
+    """Distinct storages of the model's parameters and buffers (released ones hold 0 bytes) plus
+    `constants` (what qoq's passes attached to its graphs, from _ConstantTally)."""
     from runtime.weights import storage_bytes
 
-    tensors = list(model.parameters()) + list(model.buffers())
-    packed = sum(qw.nbytes for p in model.parameters() for qw in _CACHE.get(p, {}).values())
-    return storage_bytes(tensors) + packed
+    return storage_bytes(list(model.parameters()) + list(model.buffers()) + [t for _, t in constants])
+
+
+def allocated(device: str) -> int:
+    """Bytes the CUDA caching allocator has handed out, after everything queued has run and
+    garbage (a step's outputs, compile-time temporaries) is collected."""
+    if device != "cuda":
+        return 0
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
 
 
 class _ConstantTally:
@@ -194,6 +206,21 @@ def weight_memory(a) -> dict:
     return out
 
 
+def fp_release(fn) -> dict:
+    """How many quantized layers had their FP weight released, and why any were kept."""
+    import qcompile
+
+    kept: dict[str, int] = {}
+    released = 0
+    for layer in qcompile.report(fn).layers:
+        state = layer.details.get("fp_weight") if layer.quantized else None
+        if state == "released":
+            released += 1
+        elif state:
+            kept[state] = kept.get(state, 0) + 1
+    return {"fp_released_layers": released, "fp_kept": kept}
+
+
 def use_fast_search() -> None:
     """Make the svdquant recipes search one (α, β) and refit once: this benchmark times the
     kernels, which the found values do not change."""
@@ -259,7 +286,9 @@ def main() -> None:
     dtype = torch.float32 if a.smoke else torch.bfloat16
     if a.smoke:
         a.image_tokens, a.text_tokens, a.steps, a.warmup = 64, 16, 2, 1
+    empty = allocated(device)
     model = build_model(dims, device, dtype)
+    model_bytes = allocated(device) - empty   # the bf16 weights as the GPU holds them
     inputs = make_inputs(model, a.image_tokens, a.text_tokens, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "image_tokens": a.image_tokens, "text_tokens": a.text_tokens,
@@ -267,29 +296,45 @@ def main() -> None:
     print(info, flush=True)
     results = []
     bf16_bytes = weight_bytes(model)
-    for method in a.methods:
+    info["bf16_weights_counted_GiB"] = round(bf16_bytes / GiB, 3)
+    if device == "cuda":
+        info["bf16_weights_measured_GiB"] = round(model_bytes / GiB, 3)
+    # bf16 first: qoq releases the FP weights of the layers it quantized, after which the bf16
+    # model cannot run.
+    for method in sorted(a.methods, key=lambda m: m != "bf16"):
         torch._dynamo.reset()
         try:
             if method == "bf16":
                 kw = {"backend": "aot_eager"} if a.smoke else {"mode": a.mode}
+                before = allocated(device)
                 fn = torch.compile(model, **kw)
                 row = time_steps(fn, inputs, a, device)
-                row.update(method="bf16", weights_GiB=round(weight_bytes(model) / GiB, 3))
+                row.update(method="bf16", weights_counted_GiB=round(weight_bytes(model) / GiB, 3))
+                if device == "cuda":
+                    row["weights_GiB"] = round((model_bytes + allocated(device) - before) / GiB, 3)
             elif method == "qoq":
                 opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode}
                 if a.smoke:
                     opts.update(inductor=False, kernels="reference", mode="default")
-                fn = torch.compile(model, backend="qoq", options=opts)
-                row = time_steps(fn, inputs, a, device)
-                w = weight_bytes(model)
-                row.update(method=f"qoq {a.recipe}", weights_GiB=round(w / GiB, 3),
-                           weights_vs_bf16=round(w / bf16_bytes, 3))
+                before = allocated(device)
+                with _ConstantTally() as tally:
+                    fn = torch.compile(model, backend="qoq", options=opts)
+                    row = time_steps(fn, inputs, a, device)
+                w = weight_bytes(model, tally.items)
+                row.update(method=f"qoq {a.recipe}", weights_counted_GiB=round(w / GiB, 3),
+                           weights_counted_vs_bf16=round(w / bf16_bytes, 3), **fp_release(fn))
+                if device == "cuda":
+                    measured = model_bytes + allocated(device) - before
+                    row.update(weights_GiB=round(measured / GiB, 3), weights_vs_bf16=round(measured / model_bytes, 3),
+                               peak_GiB=round(torch.cuda.max_memory_allocated() / GiB, 2))
             else:
                 raise ValueError(f"unknown method {method!r}; use bf16 or qoq")
         except Exception as e:  # one method failing still leaves the other's row
             row = {"method": method, "error": f"{type(e).__name__}: {str(e)[:300]}"}
         results.append(row)
         print(f"  {row}", flush=True)
+        fn = None  # the next row's memory is measured without this one's compiled graphs
+        torch._dynamo.reset()
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -305,7 +350,8 @@ def main() -> None:
             print(f"{r['method']:<20} {r['error'][:90]}")
             continue
         ratio = base["step_ms"] / r["step_ms"] if base else float("nan")
-        print(f"{r['method']:<20} {r['step_ms']:>9.3f} {ratio:>7.2f} {r['first_call_s']:>10.1f} {r['weights_GiB']:>11.3f}")
+        w = r.get("weights_GiB", r["weights_counted_GiB"])
+        print(f"{r['method']:<20} {r['step_ms']:>9.3f} {ratio:>7.2f} {r['first_call_s']:>10.1f} {w:>11.3f}")
 
 
 if __name__ == "__main__":

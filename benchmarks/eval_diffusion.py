@@ -158,7 +158,8 @@ MODELS = {
 }
 
 
-def evaluate(name: str, outliers: bool, steps: int, search: str, variants) -> list[dict]:
+def evaluate(name: str, outliers: bool, steps: int, search: str, variants, adaln: str | None = None
+             ) -> list[dict]:
     build, make, sample = MODELS[name]
     model = build()
     changed = inject_outliers(model) if outliers else {}
@@ -168,7 +169,8 @@ def evaluate(name: str, outliers: bool, steps: int, search: str, variants) -> li
     for v in variants:
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        z = sample(compile_variant(model, v, "reference", search == "small", inductor=False), inputs, steps)
+        z = sample(compile_variant(model, v, "reference", search == "small", inductor=False, adaln=adaln),
+                   inputs, steps)
         psnr, cos = psnr_cosine(z, ref)
         # The final latent still holds part of the shared starting noise; what the denoiser
         # moved (final − initial) shows its error undiluted.
@@ -178,8 +180,8 @@ def evaluate(name: str, outliers: bool, steps: int, search: str, variants) -> li
                      "psnr_db": round(psnr, 2), "cosine": round(cos, 5),
                      "psnr_delta_db": round(psnr_d, 2), "cosine_delta": round(cos_d, 5),
                      "seconds": round(time.perf_counter() - t0, 1), "injected": changed,
-                     "search": search})
-        print(f"  {name:5} outliers={outliers!s:5} {v:9} PSNR {psnr:6.2f} dB  cosine {cos:.5f}"
+                     "search": search, "adaln": adaln or "default"})
+        print(f"  {name:5} outliers={outliers!s:5} {v:9} adaln={adaln or 'default'} PSNR {psnr:6.2f} dB  cosine {cos:.5f}"
               f"  (final - initial: {psnr_d:6.2f} dB, {cos_d:.5f})", flush=True)
     return rows
 
@@ -191,24 +193,37 @@ def main() -> None:
     p.add_argument("--search", choices=["full", "small"], default="full",
                    help="full: the recipes' smoothing grid and refits; small: a 2x2 grid, 3 refits")
     p.add_argument("--no-outliers", action="store_true", help="also the plain random-init models")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"from {list(VARIANTS)}")
+    p.add_argument("--adaln", default=None,
+                   help="comma-separated AdaLN modulation modes to compare (passes.lowrank.ADALN_MODES: "
+                        "w4a8 = 4-bit weights on qoq.w4a8_gemm, the default; w4_simulated = W4 g64 "
+                        "dequantized to 16 bits; fp); default: the recipes' own")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    variants = a.variants.split(",")
     rows = []
     for name in a.models.split(","):
         for outliers in ([True, False] if a.no_outliers else [True]):
-            rows += evaluate(name, outliers, a.steps, a.search, VARIANTS)
-    print(f"\n{'model':6} {'outliers':8} {'variant':10} {'PSNR dB':>8} {'cosine':>8} "
+            for adaln in (a.adaln.split(",") if a.adaln else [None]):
+                rows += evaluate(name, outliers, a.steps, a.search, variants, adaln)
+                if a.json:  # after every model/mode: a long run keeps what it measured
+                    _write(a.json, rows)
+    print(f"\n{'model':6} {'outliers':8} {'adaln':12} {'variant':10} {'PSNR dB':>8} {'cosine':>8} "
           f"{'vs RTN dB':>9} {'PSNR(Δ)':>8} {'cos(Δ)':>8}")
     for r in rows:
-        rtn = next(x for x in rows if x["model"] == r["model"] and x["outliers"] == r["outliers"]
-                   and x["variant"] == "rtn-w4a4")
-        print(f"{r['model']:6} {r['outliers']!s:8} {r['variant']:10} {r['psnr_db']:8.2f} "
-              f"{r['cosine']:8.5f} {r['psnr_db'] - rtn['psnr_db']:+9.2f} "
+        rtn = next((x for x in rows if x["model"] == r["model"] and x["outliers"] == r["outliers"]
+                    and x["adaln"] == r["adaln"] and x["variant"] == "rtn-w4a4"), None)
+        vs = r["psnr_db"] - rtn["psnr_db"] if rtn else float("nan")
+        print(f"{r['model']:6} {r['outliers']!s:8} {r['adaln']:12} {r['variant']:10} {r['psnr_db']:8.2f} "
+              f"{r['cosine']:8.5f} {vs:+9.2f} "
               f"{r['psnr_delta_db']:8.2f} {r['cosine_delta']:8.5f}")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+        _write(a.json, rows)
+
+
+def _write(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -82,10 +82,12 @@ def psnr_cosine(z: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 def compile_variant(model, name: str, kernels: str, small_search: bool = False,
-                    inductor: bool = True):
+                    inductor: bool = True, adaln: str | None = None):
     """torch.compile with backend="qoq" where its config knows the recipe; otherwise a backend
     that runs the same capture -> calibrate -> SVDQuant pass directly (RTN W4A4 always does:
-    it is the pass with rank 0 and no smoothing)."""
+    it is the pass with rank 0 and no smoothing). adaln: how the AdaLN modulation linears are
+    quantized (passes.lowrank.ADALN_MODES; None: the recipe's default)."""
+    from passes.lowrank import SVDQuantOptions, svdquant_backend
     from qcompile.config import QoQConfigError, make_config
 
     recipe = RECIPE_OF.get(name)
@@ -93,16 +95,36 @@ def compile_variant(model, name: str, kernels: str, small_search: bool = False,
         try:
             options = {"recipe": recipe, "kernels": kernels, "inductor": inductor}
             make_config(options)
+            if adaln is not None:
+                _set_adaln(adaln)
             return torch.compile(model, backend="qoq", options=options)
         except QoQConfigError:
             pass
-    from passes.lowrank import SVDQuantOptions, svdquant_backend
-
     kw = dict(VARIANTS[name])
+    if adaln is not None:
+        kw["adaln"] = adaln
     if small_search and kw.get("rank", 0):
         kw.update(SMALL_SEARCH)
     backend = svdquant_backend(SVDQuantOptions(kernels=kernels, **kw))
     return torch.compile(model, backend=backend)
+
+
+def _set_adaln(mode: str) -> None:
+    """Make the svdquant recipes quantize AdaLN linears as `mode` (QoQConfig has no option for it:
+    this is for accuracy studies). Stays set for the process."""
+    from passes.lowrank import ADALN_MODES, SVDQuantOptions
+
+    if mode not in ADALN_MODES:
+        raise ValueError(f"adaln={mode!r}: expected one of {ADALN_MODES}")
+    full = getattr(SVDQuantOptions, "_recipe_from_config", None) or SVDQuantOptions.from_config.__func__
+    SVDQuantOptions._recipe_from_config = full
+
+    def from_config(cls, config):
+        opts = full(cls, config)
+        opts.adaln = mode
+        return opts
+
+    SVDQuantOptions.from_config = classmethod(from_config)
 
 
 def main() -> None:
