@@ -182,7 +182,8 @@ CANDIDATES = {
     "16": [_g(8, 4, 8, 2), _g(8, 8, 8, 4)] + _SMALL_SPLIT,
     "64": [_c(32, 64, 4, 4, 2), _c(32, 64, 4, 3, 4), _c(32, 64, 4, 4, 2, vec=True), _c(64, 64, 4, 4, swap=True),
            _c(64, 64, 4, 3, 2, swap=True), _c(32, 64, 4, 3, 2, split=2), _c(64, 128, 4, 4, swap=True),
-           _c(64, 64, 4, 4, swap=True, vec=True)],
+           _c(64, 64, 4, 4, swap=True, vec=True), _c(32, 64, 4, 4, 2, pf=True), _c(32, 64, 4, 3, 4, pf=True),
+           _c(64, 64, 4, 4, swap=True, pf=True), _c(32, 64, 4, 4, 2, vec=True, pf=True)],
     "256": [_c(128, 64, 4, 4), _c(64, 128, 4, 3, 4), _c(128, 128, 8, 3, swap=True), _c(128, 128, 4, 4, swap=True),
             _c(128, 64, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True), _c(64, 128, 4, 4, swap=True, vec=True),
             _c(128, 64, 4, 4, swap=True, vec=True), _c(128, 128, 4, 3, 2, split=2, swap=True),
@@ -193,12 +194,20 @@ CANDIDATES = {
             _c(128, 128, 4, 4, swap=True, split=3),
             # v9: four tiles an iteration with the scale words one iteration ahead
             _c(64, 128, 4, 3, 4, pf=True), _c(128, 128, 4, 4, 4, swap=True, pf=True),
-            _c(64, 128, 4, 4, 4, swap=True, pf=True), _c(128, 64, 4, 4, 4, swap=True, pf=True)],
+            _c(64, 128, 4, 4, 4, swap=True, pf=True), _c(128, 64, 4, 4, 4, swap=True, pf=True),
+            # v10: the prefetch for one or two tiles an iteration, on the v4-v9 winners
+            _c(64, 64, 4, 4, swap=True, pf=True), _c(128, 64, 4, 4, swap=True, pf=True),
+            _c(128, 128, 8, 4, swap=True, pf=True), _c(128, 128, 8, 3, swap=True, pf=True),
+            _c(128, 128, 4, 3, 2, split=2, swap=True, pf=True), _c(64, 128, 4, 4, swap=True, pf=True),
+            _c(128, 128, 4, 4, swap=True, split=2, pf=True), _c(128, 64, 4, 4, swap=True, split=2, pf=True)],
     "1024": [_c(128, 128, 4, 4, swap=True), _c(128, 128, 4, 4, swap=True, vec=True), _c(128, 128, 4, 4, swap=True, gm=16),
              _c(128, 128, 4, 4, swap=True, gm=16, vec=True), _c(128, 128, 4, 3, swap=True),
              _c(128, 128, 8, 4, swap=True), _c(128, 128, 8, 4, swap=True, vec=True), _c(128, 256, 8, 2, 4, swap=True),
              _c(256, 128, 8, 3, swap=True), _c(128, 128, 4, 4),
-             _c(128, 128, 4, 4, 4, swap=True, pf=True), _c(128, 128, 8, 4, 4, swap=True, pf=True)],
+             _c(128, 128, 8, 2, 4, swap=True, pf=True), _c(128, 128, 4, 2, 4, swap=True, pf=True),
+             _c(128, 128, 8, 4, swap=True, pf=True), _c(128, 128, 4, 4, swap=True, pf=True),
+             _c(128, 128, 8, 4, swap=True, vec=True, pf=True), _c(128, 128, 4, 4, swap=True, gm=16, pf=True),
+             _c(256, 128, 8, 3, swap=True, pf=True), _c(128, 128, 8, 3, swap=True, pf=True)],
 }
 CANDIDATES["4096"] = CANDIDATES["1024"]
 CANDIDATES["big"] = CANDIDATES["1024"]

@@ -267,7 +267,7 @@ def _w4a8_gemm_kernel(
     SWAP: tl.constexpr,  # weights as the MMA's A operand
     UNROLL: tl.constexpr,  # K tiles per loop iteration (1, 2 or 4)
     USE_PDL: tl.constexpr,  # launched as a programmatic dependent: only the launch overlaps here
-    PREFETCH_SCALES: tl.constexpr,  # UNROLL 4 word scales: load the next iteration's during this one
+    PREFETCH_SCALES: tl.constexpr,  # progressive: load the next iteration's group scales during this one
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -324,8 +324,27 @@ def _w4a8_gemm_kernel(
         first = (w4 * 0 + t_begin) < t_end  # (a tensor: the interpreter takes no scalar masks)
         gs_next = tl.load(gs_rows[:, None] + tl.multiple_of(t_begin, 4) + w4, mask=first, other=0)
         gz_next = tl.load(gz_rows[:, None] + tl.multiple_of(t_begin, 4) + w4, mask=first, other=0)
+    # The same one-iteration-ahead prefetch for one or two tiles an iteration (byte or word loads):
+    # the next iteration's tile indices are clamped to the last tile, so the loads stay in bounds
+    # without masks (their values are unused after the last iteration).
+    PF_TILES: tl.constexpr = (PREFETCH_SCALES and not WORDS4 and PROGRESSIVE and GROUP_SIZE >= 64
+                              and UNROLL <= 2)
+    if PF_TILES:
+        n0a, n0b, n0c, n0d = _load_scales(gs_rows, gz_rows, tl.minimum(t_begin, k_tiles - 1), GROUP_SIZE,
+                                          PROGRESSIVE, VEC_SCALES, BLOCK_N)
+        if UNROLL >= 2:
+            n1a, n1b, n1c, n1d = _load_scales(gs_rows, gz_rows, tl.minimum(t_begin + 1, k_tiles - 1), GROUP_SIZE,
+                                              PROGRESSIVE, VEC_SCALES, BLOCK_N)
     for t in range(t_begin, t_end, UNROLL):
-        if WORDS4:
+        if PF_TILES:
+            sc0 = (n0a, n0b, n0c, n0d)
+            n0a, n0b, n0c, n0d = _load_scales(gs_rows, gz_rows, tl.minimum(t + UNROLL, k_tiles - 1), GROUP_SIZE,
+                                              PROGRESSIVE, VEC_SCALES, BLOCK_N)
+            if UNROLL >= 2:
+                sc1 = (n1a, n1b, n1c, n1d)
+                n1a, n1b, n1c, n1d = _load_scales(gs_rows, gz_rows, tl.minimum(t + UNROLL + 1, k_tiles - 1),
+                                                  GROUP_SIZE, PROGRESSIVE, VEC_SCALES, BLOCK_N)
+        elif WORDS4:
             # The four tiles' groups are the four bytes of one aligned word per row.
             g0 = tl.multiple_of(t, 4)
             if PREFETCH_SCALES:
@@ -737,8 +756,8 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "SPLIT_K", "num_warps", "num_sta
                "PDL", "S2_AFTER", "PREFETCH_SCALES")
 # S2_AFTER (GEMV, progressive): dot with q − z and scale by s2 after it (v8: faster on two shapes,
 # slower on two, so tuned per shape); False = the v5-v7 unpack.
-# PREFETCH_SCALES (tensor-core kernel, progressive, UNROLL 4): next iteration's group-scale words
-# loaded during this one (v9).
+# PREFETCH_SCALES (tensor-core kernel, progressive): the next iteration's group scales loaded during
+# this one (v9: UNROLL 4 word loads; v10: one or two tiles an iteration).
 CONFIG_DEFAULTS = (None, None, 8, 1, 4, 3, False, 1, False, False, False, False, False)
 _GEMV = CONFIG_KEYS.index("GEMV")
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
