@@ -203,6 +203,7 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict, cfg: dict 
 
 def config_name(cfg: dict) -> str:
     reg = f" r{cfg['maxnreg']}" if cfg.get("maxnreg") else ""
+    reg += " pf" if cfg.get("PREFETCH") else ""
     return "{BLOCK_M}x{BLOCK_N} w{num_warps} s{num_stages} g{GROUPS}".format(**cfg) + reg
 
 
@@ -317,7 +318,7 @@ def compiled_resources() -> list[dict]:
                     idx = key[0] if isinstance(key, tuple) else key
                     name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
                     if name in ("BLOCK_M", "BLOCK_N", "GROUPS", "HAS_LR", "LR_MODE",
-                                "UNPACK_ASM", "MAGIC_I2F", "K_PERM"):
+                                "UNPACK_ASM", "MAGIC_I2F", "K_PERM", "PREFETCH"):
                         consts[name] = v if isinstance(v, (int, bool)) else str(v)
                 row = {**consts, "num_warps": k.metadata.num_warps,
                        "num_stages": k.metadata.num_stages,
@@ -419,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in resources:
         if r.get("HAS_LR") and r.get("UNPACK_ASM") and "loop_instructions" in r:
             print(f"sass {r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} s{r['num_stages']} "
-                  f"r{r.get('maxnreg')} K_PERM={r.get('K_PERM')} MAGIC={r.get('MAGIC_I2F')}: "
+                  f"r{r.get('maxnreg')} pf{r.get('PREFETCH')} K_PERM={r.get('K_PERM')} "
+                  f"MAGIC={r.get('MAGIC_I2F')}: "
                   f"regs {r['n_regs']} spills {r['n_spills']} loop {r['loop_instructions']} "
                   + " ".join(f"{o}:{c}" for o, c in list(r["loop_ops"].items())[:8]))
     t8 = ceil.get("triton_int8_peak_ops")

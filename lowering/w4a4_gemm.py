@@ -185,7 +185,7 @@ def _w4a4_gemm_kernel(
     HAS_LR: tl.constexpr, HAS_BIAS: tl.constexpr, LR_IEEE: tl.constexpr,
     UNPACK_ASM: tl.constexpr, A_UNSIGNED: tl.constexpr, MAGIC_I2F: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-    GROUPS: tl.constexpr, LR_MODE: tl.constexpr, K_PERM: tl.constexpr,
+    GROUPS: tl.constexpr, LR_MODE: tl.constexpr, K_PERM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -232,15 +232,18 @@ def _w4a4_gemm_kernel(
             else:
                 acc = tl.dot(lr, lu)
             acc = acc * unit
-    # The group scales are read one step ahead (loop-carried): Triton's pipeliner stages only
-    # the dot operands, and read where they are used the scales' global-load latency sat between
-    # each MMA and its scaling (sm_90 SASS: LDG of sa right after the wgmma wait, then its FMUL).
-    # Reads past the last group are clamped to it (in bounds) and never used.
-    sa0 = tl.load(sa_ptr)
-    sw0 = tl.load(sw_ptr)
-    if GROUPS == 2:
-        sa1 = tl.load(sa_ptr + tl.minimum(1, G - 1))
-        sw1 = tl.load(sw_ptr + tl.minimum(1, G - 1))
+    # PREFETCH: the group scales are read one step ahead (loop-carried) instead of where they
+    # are used: Triton's pipeliner stages only the dot operands, and the SASS showed the scale
+    # loads between each MMA's wait and its scaling. Measured on the H100 (v4), not a gain: the
+    # 3 programs an SM hide that latency already, and the carried values cost registers (the
+    # branch's tile got 5% slower). A tuning knob in the config table. Reads past the last
+    # group are clamped to it (in bounds) and never used.
+    if PREFETCH:
+        sa0 = tl.load(sa_ptr)
+        sw0 = tl.load(sw_ptr)
+        if GROUPS == 2:
+            sa1 = tl.load(sa_ptr + tl.minimum(1, G - 1))
+            sw1 = tl.load(sw_ptr + tl.minimum(1, G - 1))
     for g in range(0, G, GROUPS):
         # Triton waits for each wgmma right after it here (its A operand is unpacked in registers
         # inside the loop, and the int32 result feeds CUDA-core math), so issuing two groups'
@@ -249,26 +252,35 @@ def _w4a4_gemm_kernel(
         # the loop's index and pipeline bookkeeping; the MMA/CUDA-core overlap comes from the
         # programs that share each SM. With an odd group count the last step's second group
         # re-reads group G−1 (in bounds, no masks) and is weighted by 0.
-        gn = tl.minimum(g + GROUPS, G - 1)
-        sa_next = tl.load(sa_ptr + gn)
-        sw_next = tl.load(sw_ptr + gn)
-        if GROUPS == 2:
-            gn1 = tl.minimum(g + GROUPS + 1, G - 1)
-            sa1_next = tl.load(sa_ptr + gn1)
-            sw1_next = tl.load(sw_ptr + gn1)
+        g1 = tl.minimum(g + 1, G - 1)
+        if PREFETCH:
+            gn = tl.minimum(g + GROUPS, G - 1)
+            sa_next = tl.load(sa_ptr + gn)
+            sw_next = tl.load(sw_ptr + gn)
+            if GROUPS == 2:
+                gn1 = tl.minimum(g + GROUPS + 1, G - 1)
+                sa1_next = tl.load(sa_ptr + gn1)
+                sw1_next = tl.load(sw_ptr + gn1)
+        else:
+            sa0 = tl.load(sa_ptr + g)
+            sw0 = tl.load(sw_ptr + g)
+            if GROUPS == 2:
+                sa1 = tl.load(sa_ptr + g1)
+                sw1 = tl.load(sw_ptr + g1)
         p0 = _group_dot(a_ptr + g * 32, w_ptr + g * 32, BLOCK_M, BLOCK_N, UNPACK_ASM, A_UNSIGNED,
                         K_PERM)
         acc = _scale_add(acc, p0, sa0, sw0, MAGIC_I2F, UNPACK_ASM)
         if GROUPS == 2:
-            g1 = tl.minimum(g + 1, G - 1)
             p1 = _group_dot(a_ptr + g1 * 32, w_ptr + g1 * 32, BLOCK_M, BLOCK_N, UNPACK_ASM,
                             A_UNSIGNED, K_PERM)
             keep = (g + 1 < G).to(tl.float32)
             acc = _scale_add(acc, p1, sa1 * keep, sw1, MAGIC_I2F, UNPACK_ASM)
-            sa1 = sa1_next
-            sw1 = sw1_next
-        sa0 = sa_next
-        sw0 = sw_next
+        if PREFETCH:
+            sa0 = sa_next
+            sw0 = sw_next
+            if GROUPS == 2:
+                sa1 = sa1_next
+                sw1 = sw1_next
     if A_UNSIGNED:
         acc = acc * (1.0 / 16.0)
     else:
@@ -307,17 +319,17 @@ LR_MODE_DEFAULT = 2   # H100 sweep (BENCHMARKS.md): 1-3% faster than 0 and 1 at 
 # while *other* programs of the SM scale: 64x128 w4 takes 212 registers (2 programs an SM); capped
 # at 168 (maxnreg) it fits 3 with 8 bytes of stack outside the loop and +7 instructions in it.
 GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr}, num_warps=w,
-                  num_stages=s, maxnreg=r)
-    for bm, bn, w, s, gr, r in [
-        (64, 128, 4, 3, 1, None), (64, 128, 4, 4, 1, None), (64, 128, 4, 2, 1, 168),
-        (64, 128, 4, 3, 1, 168), (64, 128, 4, 4, 1, 168), (64, 256, 8, 3, 1, None),
-        (128, 64, 4, 3, 1, None), (64, 64, 4, 3, 1, None), (32, 64, 4, 4, 1, None),
-        (16, 64, 4, 4, 1, None),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "GROUPS": gr, "PREFETCH": pf},
+                  num_warps=w, num_stages=s, maxnreg=r)
+    for bm, bn, w, s, gr, r, pf in [
+        (64, 128, 4, 3, 1, None, 0), (64, 128, 4, 4, 1, None, 0), (64, 128, 4, 2, 1, 168, 0),
+        (64, 128, 4, 3, 1, 168, 0), (64, 128, 4, 4, 1, 168, 0), (64, 128, 4, 3, 1, 168, 1),
+        (64, 128, 4, 4, 1, 168, 1), (64, 256, 8, 3, 1, None, 0), (128, 64, 4, 3, 1, None, 0),
+        (64, 64, 4, 3, 1, None, 0), (32, 64, 4, 4, 1, None, 0), (16, 64, 4, 4, 1, None, 0),
     ]
 ]
 # Two groups a step, so odd group counts test the masked tail under the interpreter.
-_INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": 2}
+_INTERP_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": 2, "PREFETCH": 0}
 
 _w4a4_gemm_tuned = triton.autotune(
     configs=GPU_CONFIGS,
@@ -332,7 +344,9 @@ _w4a4_gemm_tuned = triton.autotune(
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 M_BUCKETS = (16, 64, 256, 1024, 4096)   # a bucket holds the M up to its bound; past the last: "big"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS", "num_warps", "num_stages")
-OPTIONAL_FIELDS = ("maxnreg",)   # register cap (ptxas): more programs resident on each SM
+# maxnreg: register cap (ptxas), more programs resident on each SM; PREFETCH: scales read a step
+# ahead (default 0)
+OPTIONAL_FIELDS = ("maxnreg", "PREFETCH")
 
 
 def m_bucket(m: int) -> str:
@@ -395,7 +409,8 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     loop, 2: before the loop as the accumulator's start; None: LR_MODE_DEFAULT). k_perm: feed the
     MMA the nibbles in the shuffle-free k-order (same sums; False restores the natural order, kept
     to measure against). config: a fixed tile configuration ({"BLOCK_M", "BLOCK_N", "GROUP_M",
-    "GROUPS"} + num_warps/num_stages); None: the tuned table for this GPU and shape
+    "GROUPS"} + num_warps/num_stages, optionally maxnreg and PREFETCH); None: the tuned table for
+    this GPU and shape
     (`lowering/configs/w4a4-<gpu>.json`), else autotuning over GPU_CONFIGS.
     """
     m, n, g = a.shape[0], w.shape[0], a_scale.shape[1]
@@ -434,6 +449,7 @@ def triton_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale
     if config is not None:
         cfg = dict(config)
         cfg.setdefault("GROUPS", 1)
+        cfg.setdefault("PREFETCH", 0)
         if cfg.get("maxnreg") is None:
             cfg.pop("maxnreg", None)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]

@@ -204,3 +204,20 @@ def test_tuned_config_table(tmp_path):
     path.write_text(json.dumps({"default": {"big": cfg}}))
     with pytest.raises(ValueError, match="lacks \\['GROUPS'\\]"):
         load_config_table(str(path))
+
+
+@given(m=st.integers(1, 24), n=st.integers(1, 40), groups=st.integers(1, 5),
+       groups_a_step=st.sampled_from([1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_scale_prefetch_gives_the_same_bits(m, n, groups, groups_a_step, seed):
+    """PREFETCH only moves the scale loads a step earlier: same values, same float operations."""
+    g = torch.Generator().manual_seed(seed)
+    a = pack_int4(torch.randint(-8, 8, (m, groups * GROUP), generator=g, dtype=torch.int8))
+    w = pack_int4(torch.randint(-8, 8, (n, groups * GROUP), generator=g, dtype=torch.int8))
+    sa = torch.rand(m, groups, generator=g) + 0.1
+    sw = (torch.rand(n, groups, generator=g) + 0.1).half()
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "GROUPS": groups_a_step}
+    ys = [triton_gemm(a, sa, w, sw, None, None, None, torch.float32, config=dict(cfg, PREFETCH=p))
+          for p in (0, 1)]
+    assert torch.equal(ys[0], ys[1])
+    yr = reference(a, sa, w, sw, None, None, None, torch.float32)
+    torch.testing.assert_close(ys[0], yr, rtol=1e-5, atol=1e-5 * float(yr.abs().max()))
