@@ -108,8 +108,12 @@ def check(m: int, n: int, k: int, dtype: torch.dtype, cfg: dict | None) -> dict:
     out = {"asm_eq_triton": bool(torch.equal(y_asm, run(unpack_asm=False))),
            "magic_eq_i2f": bool(torch.equal(y_asm, run(magic_i2f=True))),
            "kperm_eq_natural": bool(torch.equal(y_asm, run(k_perm=False))),
+           "prefetch_eq_plain": cfg is None or bool(torch.equal(y_asm, triton_gemm(
+               a, sa, wp, ws, lr, lu, bias, dtype,
+               config=dict(cfg, PREFETCH=1 - int(cfg.get("PREFETCH", 0)))))),
            "rel_err_vs_reference": rel(y_asm, y_ref), "rel_err_vs_fp": rel(y_asm, y_fp)}
-    if not all(out[k] for k in ("asm_eq_triton", "magic_eq_i2f", "kperm_eq_natural")) \
+    if not all(out[k] for k in ("asm_eq_triton", "magic_eq_i2f", "kperm_eq_natural",
+                                "prefetch_eq_plain")) \
             or out["rel_err_vs_reference"] > 1e-2:
         raise SystemExit(f"W4A4 kernel disagrees at {m}x{n}x{k}: {out}")
     return out
