@@ -186,6 +186,49 @@ def evaluate(name: str, outliers: bool, steps: int, search: str, variants, adaln
     return rows
 
 
+@torch.no_grad()
+def adaln_layer_sqnr(seed: int = 0) -> dict:
+    """Output SQNR (dB) of the small Flux model's AdaLN modulation linears (outliers injected), on
+    the rows they see in one forward, per candidate format: what each costs the layer alone,
+    without the rest of the model's error mixed in (the end-to-end PSNR moves by a few tenths of
+    a dB either way with how the other layers' errors happen to combine)."""
+    from passes.lowrank import ADALN, _matches, fake_quant_a8, fake_quant_w4a4_weight
+    from passes.quantize import quantize_progressive
+
+    model = flux_model(seed)
+    inject_outliers(model)
+    inputs = MODELS["flux"][1](model)
+    rows: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: rows.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and _matches(n, ADALN)]
+    model(hidden_states=inputs["latents"], encoder_hidden_states=inputs["encoder_hidden_states"],
+          pooled_projections=inputs["pooled_projections"], timestep=torch.full((1,), 0.5),
+          img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], return_dict=False)
+    for h in hooks:
+        h.remove()
+    formats = {
+        "w4_simulated (W4 g64 symmetric, fp16 scales; 16-bit input)": lambda x, w: x @ fake_quant_w4a4_weight(w).T,
+        "w4a8 (QoQ progressive W4 g64, int8 per-token input)":
+            lambda x, w: fake_quant_a8(x) @ quantize_progressive(w, 64).dequantize().float().T,
+        "QoQ progressive W4 g64, 16-bit input": lambda x, w: x @ quantize_progressive(w, 64).dequantize().float().T,
+        "QoQ progressive W4 g128, int8 input":
+            lambda x, w: fake_quant_a8(x) @ quantize_progressive(w, 128).dequantize().float().T,
+        "int8 input alone": lambda x, w: fake_quant_a8(x) @ w.T,
+    }
+    modules = dict(model.named_modules())
+    out = {}
+    for name, fn in formats.items():
+        vals = []
+        for layer, x in rows.items():
+            w = modules[layer].weight.float()
+            ref = x.float() @ w.T
+            vals.append(float(10 * torch.log10(ref.pow(2).sum() / (fn(x.float(), w) - ref).pow(2).sum())))
+        out[name] = {"mean_db": round(sum(vals) / len(vals), 2), "min_db": round(min(vals), 2), "layers": len(vals)}
+        print(f"  {name:62} SQNR mean {out[name]['mean_db']:6.2f} dB, min {out[name]['min_db']:6.2f} dB "
+              f"over {len(vals)} AdaLN linears", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default="flux,unet")
@@ -198,8 +241,16 @@ def main() -> None:
                    help="comma-separated AdaLN modulation modes to compare (passes.lowrank.ADALN_MODES: "
                         "w4a8 = 4-bit weights on qoq.w4a8_gemm, the default; w4_simulated = W4 g64 "
                         "dequantized to 16 bits; fp); default: the recipes' own")
+    p.add_argument("--adaln-sqnr", action="store_true",
+                   help="only the AdaLN linears' output SQNR per format (small Flux model; seconds)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    if a.adaln_sqnr:
+        res = adaln_layer_sqnr()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "adaln_sqnr": res}, f, indent=1)
+        return
     variants = a.variants.split(",")
     rows = []
     for name in a.models.split(","):
