@@ -154,7 +154,9 @@ def _scale_add(acc, part, sa, sw, MAGIC_I2F: tl.constexpr, SW_ASM: tl.constexpr)
         # The same conversion, opaque to Triton's layout pass: with `.to(tl.float32)` Triton 3.6
         # moves the fp16 -> fp32 conversion after the scales' layout change (fewer bytes through
         # shared memory), so every thread converts each of its 32 columns (32 HADD2 a group at
-        # 64x128); here each scale is converted once, before (sm_90 SASS: 354 -> 326 a group).
+        # 64x128); here each scale is converted once, before (sm_90 SASS: 354 -> 326 a group;
+        # H100 time unchanged, as the loop is latency- not issue-bound, and it moves twice the
+        # bytes through shared memory: a wash kept for the shorter loop).
         sw = tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [sw], dtype=tl.float32,
                                        is_pure=True, pack=1)
     else:
@@ -234,10 +236,10 @@ def _w4a4_gemm_kernel(
             acc = acc * unit
     # PREFETCH: the group scales are read one step ahead (loop-carried) instead of where they
     # are used: Triton's pipeliner stages only the dot operands, and the SASS showed the scale
-    # loads between each MMA's wait and its scaling. Measured on the H100 (v4), not a gain: the
-    # 3 programs an SM hide that latency already, and the carried values cost registers (the
-    # branch's tile got 5% slower). A tuning knob in the config table. Reads past the last
-    # group are clamped to it (in bounds) and never used.
+    # loads between each MMA's wait and its scaling. On the H100 not the gain predicted (v4/v5
+    # runs: within ±5% either way, shape by shape): the 3 programs an SM already hide that
+    # latency, and the carried values cost registers under the cap. So a tuning knob in the
+    # config table. Reads past the last group are clamped to it (in bounds) and never used.
     if PREFETCH:
         sa0 = tl.load(sa_ptr)
         sw0 = tl.load(sw_ptr)
