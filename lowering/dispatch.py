@@ -6,6 +6,8 @@ the same graph runs on a GPU, on a CPU under the Triton interpreter, and on a pl
 from __future__ import annotations
 
 import os
+import threading
+from typing import Callable
 
 import torch
 
@@ -37,3 +39,30 @@ def use_triton(t: torch.Tensor, kernels: str) -> bool:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def allocate_outside_graph_pools(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run `make()` (a CUDA allocation meant to outlive this call: a workspace kept across calls) where
+    no CUDA-graph memory pool catches it. torch.compile's CUDA graphs route every allocation of the
+    current thread into the graph's private pool during warm-up and capture, and a tensor left alive
+    there is an error ("tensor(s) in the cudagraph pool not tracked as outputs") or, worse, memory the
+    pool reuses under us. A helper thread allocates from the ordinary pool, on a stream of its own,
+    and waits for the initialising kernel before handing the tensor over."""
+    made: list = []
+    failed: list = []
+
+    def work() -> None:
+        try:
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                made.append(make())
+            side.synchronize()
+        except BaseException as e:  # re-raised in the caller's thread
+            failed.append(e)
+
+    worker = threading.Thread(target=work, name="qoq-workspace-alloc")
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0]
+    return made[0]

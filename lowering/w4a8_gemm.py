@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowering.dispatch import cdiv, interpreter_enabled, use_triton
+from lowering.dispatch import allocate_outside_graph_pools, cdiv, interpreter_enabled, use_triton
 
 try:  # programmatic dependent launch (Hopper+); Triton builds without it never get PDL configs
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -883,14 +883,9 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
             _OLD_COUNTERS.append(have)
         size = max(n, 1024, 2 * (have.numel() if have is not None else 0))
         if device.type == "cuda":
-            # Made on a side stream: under torch.compile's CUDA graphs the first (warm-up) run allocates
-            # from the graph's private pool for the current stream only, and a tensor that outlives the
-            # run there is an error ("not tracked as outputs"). The side stream's memory is ordinary.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                have = torch.zeros(size, dtype=torch.int32, device=device)
-            torch.cuda.current_stream(device).wait_stream(side)
+            # Kept for good, so made outside any CUDA-graph pool (a warm-up run of torch.compile's
+            # CUDA graphs would otherwise allocate it in the graph's private pool).
+            have = allocate_outside_graph_pools(lambda: torch.zeros(size, dtype=torch.int32, device=device))
         else:
             have = torch.zeros(size, dtype=torch.int32, device=device)
         _COUNTERS[key] = have
