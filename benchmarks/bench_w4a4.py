@@ -99,7 +99,9 @@ def check(m: int, n: int, k: int, dtype: torch.dtype, cfg: dict | None) -> dict:
     bias = torch.randn(n, device=DEVICE, generator=g).to(dtype)
     wp, ws = quantize_weight(w)
     a, sa, lr = triton_quantize_act(x, None, ld)
-    run = lambda **kw: triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, config=cfg, **kw)  # noqa: E731
+    def run(**kw):
+        return triton_gemm(a, sa, wp, ws, lr, lu, bias, dtype, config=cfg, **kw)
+
     # The inline-PTX unpack exists on the GPU only; elsewhere both paths are the pure-Triton one.
     y_asm = run(unpack_asm=DEVICE == "cuda")
     y_ref = reference(a, sa, wp, ws, lr, lu, bias, dtype)
@@ -197,7 +199,8 @@ def run_shape(m: int, n: int, k: int, dtype: torch.dtype, ceil: dict, cfg: dict 
         "pct_triton_int8_lr_fused": 100 * t8 / times["w4a4_gemm_lr_fused"] if t8 else None,
         "gemm_branch_overhead": times["w4a4_gemm_lr_fused"] / times["w4a4_gemm"] - 1,
         "linear_branch_overhead_fused": times["linear_lr_fused"] / times["linear_no_branch"] - 1,
-        "linear_branch_overhead_unfused": times["linear_lr_unfused"] / times["linear_no_branch"] - 1,
+        "linear_branch_overhead_unfused":
+            times["linear_lr_unfused"] / times["linear_no_branch"] - 1,
         "k_perm_speedup": times["w4a4_gemm_natural_k_order"] / times["w4a4_gemm_lr_fused"],
         "asm_unpack_speedup": times["w4a4_gemm_pure_triton_unpack"] / times["w4a4_gemm_lr_fused"],
         "i2f_vs_magic_speedup": times["w4a4_gemm_magic_convert"] / times["w4a4_gemm_lr_fused"],
@@ -423,7 +426,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for r in resources:
         if r.get("HAS_LR") and r.get("UNPACK_ASM") and "loop_instructions" in r:
-            print(f"sass {r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} s{r['num_stages']} "
+            print(f"sass {r.get('BLOCK_M')}x{r.get('BLOCK_N')} w{r['num_warps']} "
+                  f"s{r['num_stages']} "
                   f"r{r.get('maxnreg')} pf{r.get('PREFETCH')} K_PERM={r.get('K_PERM')} "
                   f"MAGIC={r.get('MAGIC_I2F')}: "
                   f"regs {r['n_regs']} spills {r['n_spills']} loop {r['loop_instructions']} "

@@ -372,12 +372,13 @@ def load_config_table(path: str) -> dict:
             missing = [k for k in CONFIG_FIELDS if k not in cfg]
             if missing:
                 raise ValueError(f"{path}: config for M bucket {bucket!r} lacks {missing}; "
-                                 f"re-run benchmarks/bench_w4a4.py --sweep --configs-out to rewrite it")
+                                 "re-run benchmarks/bench_w4a4.py --sweep --configs-out to "
+                                 "rewrite it")
     return table
 
 
 def lookup_config(table: dict, m: int, n: int, g: int) -> dict | None:
-    """The table's config for weight shape [n, 64·g] and M's bucket, else its default, else None."""
+    """The table's config for weight [n, 64·g] and M's bucket, else its default, else None."""
     bucket = m_bucket(m)
     cfg = table.get("configs", {}).get(f"{n},{64 * g}", {}).get(bucket)
     if cfg is None:
