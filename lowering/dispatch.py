@@ -50,9 +50,11 @@ def allocate_outside_graph_pools(make: Callable[[], torch.Tensor]) -> torch.Tens
     and waits for the initialising kernel before handing the tensor over."""
     made: list = []
     failed: list = []
+    device = torch.cuda.current_device()  # a new thread starts on device 0
 
     def work() -> None:
         try:
+            torch.cuda.set_device(device)
             side = torch.cuda.Stream()
             with torch.cuda.stream(side):
                 made.append(make())
