@@ -161,3 +161,42 @@ def test_mismatched_or_corrupted_svdquant_artifact_is_a_clear_error(tmp_path):
     (path / TENSORS_NAME).write_bytes(bytes(blob))
     with pytest.raises(Exception, match=r"does not match the checksum"):
         load_into(_flux())
+
+
+class _ConvNet(torch.nn.Module):
+    """1x1 convolutions (SVDQuant's conv path, as UNets' proj_in/proj_out) around a GELU, then a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_a = torch.nn.Conv2d(64, 128, 1)
+        self.proj_b = torch.nn.Conv2d(128, 64, 1)
+        self.head = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        y = self.proj_b(torch.nn.functional.gelu(self.proj_a(x)))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_conv1x1_layers_save_replay_and_release(tmp_path, monkeypatch):
+    x = torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    model = _seed0_net()
+    compiled, want = _run(model, {"recipe": "svdquant", "strict": True, "release_fp_weights": True}, {"x": x})
+    assert is_released(model.proj_a.weight) and is_released(model.proj_b.weight)
+    qcompile.save(compiled, str(tmp_path / "a"))
+    header = json.loads((tmp_path / "a" / JSON_NAME).read_text())
+    assert {k.split("_modules.")[-1]: v["op"] for k, v in header["layers"].items()} == {
+        "proj_a": "w4a4_lowrank", "proj_b": "w4a4_lowrank", "head": "w4a4_lowrank"}
+    _forbid_quantization(monkeypatch)
+    with torch.no_grad():  # a new spatial size: Dynamo recompiles, the released weights replay
+        got_small = compiled(x[:, :, :4, :4])
+    torch._dynamo.reset()
+    again, got = _run(_seed0_net(), {"artifact": str(tmp_path / "a")}, {"x": x})
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(again(x[:, :, :4, :4]), got_small)
+
+
+def _seed0_net() -> _ConvNet:
+    torch.manual_seed(0)
+    return _ConvNet().eval()
