@@ -332,14 +332,22 @@ def find_attention(qgraph: QGraph, linears: list[LinearMatch]) -> list[Attention
         if any(v is None or v.dim() != 4 for v in vals):
             continue
         heads, head_dim = int(vals[0].shape[1]), int(vals[0].shape[-1])
-        anc = _ancestors(node)
+        # With a static KV cache, SDPA reads K from the cache; K's projection reaches it through the
+        # one write into that cache, so q/k factors (SmoothAttention) are followed through the write.
+        # V is left as read (its scale group would move factors into the 4-bit V cache unsearched).
+        ends = {"q": node, "k": node, "v": node}
+        kwrite = _cache_write(qgraph, args[1])
+        if kwrite is not None:
+            args[1], ends["k"] = kwrite
         picks, reason = [], ""
         for role, arg in zip("qkv", args):
             found = _linears_behind(arg, by_node)
-            if len(found) != 1:
+            if role == "v" and kwrite is not None:
+                picks.append((None, 0, None))  # read from the cache: no v -> o group (see above)
+            elif len(found) != 1:
                 picks.append((None, 0, None))
                 reason = reason or f"{role} does not come from exactly one linear"
-            elif not feeds_only(found[0][2], node, anc):
+            elif not feeds_only(found[0][2], ends[role], _ancestors(ends[role])):
                 picks.append((None, 0, None))
                 reason = reason or f"{role} ({found[0][0].fqn}) is read outside this attention (a KV cache?)"
             else:
@@ -357,6 +365,18 @@ def find_attention(qgraph: QGraph, linears: list[LinearMatch]) -> list[Attention
                 reason = "the ops between q/k and attention are neither plain views nor HF rotate_half RoPE"
         out.append(AttentionMatch(node, q, k, v, qo, ko, vo, heads, kv_heads, head_dim, rope, reason))
     return out
+
+
+def _cache_write(qgraph: QGraph, arg) -> Optional[tuple[fx.Node, fx.Node]]:
+    """(written source, write node) when `arg` reads a cache graph input written once in this graph."""
+    from passes.rotate_kv import _cache_behind, _writes  # (rotate_kv imports this module's users)
+
+    cache = _cache_behind(arg, set(qgraph.weights))
+    writes = _writes(cache) if cache is not None else []
+    if len(writes) != 1:
+        return None
+    w, i = writes[0]
+    return w.args[i], w
 
 
 def _attention_v_group(x: fx.Node, consumers: list[LinearMatch], attn: list[AttentionMatch]) -> Optional[ScaleGroup]:

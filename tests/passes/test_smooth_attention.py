@@ -51,3 +51,46 @@ def test_lambda_shared_by_rope_pairs_and_gqa_heads_and_flattens_k():
     assert torch.allclose(lam, before.sqrt(), rtol=1e-4)
     after = key_magnitude(x @ wk1.t(), 16, "rotate_half")
     assert after.max() / after.min() < (before.max() / before.min()) ** 0.5 * 1.01  # spread halves (α = 0.5)
+
+
+@settings(max_examples=3, deadline=None)
+@given(kind=st.sampled_from(["llama", "qwen2"]), seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 2]))
+def test_smooth_attention_through_a_static_cache_keeps_prefill_and_decode(kind, seed, kv_heads):
+    """With a StaticCache, K reaches SDPA through the cache write: λ is still found and folded, and every
+    graph (prefill, decode) given the same statistics folds the same λ, so cached keys stay consistent."""
+    from transformers import StaticCache
+
+    from qcompile.capture import capture
+
+    model = make_model(kind, seed=seed, kv_heads=kv_heads)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("k_proj.weight"):
+                p[:4].mul_(20)
+    caches = []
+    for _ in range(2):
+        c = StaticCache(model.config, max_cache_len=24)
+        c.early_initialization(batch_size=1, num_heads=kv_heads, head_dim=16, dtype=torch.float32, device="cpu")
+        caches.append(c)
+    seen, shared = [], {}
+
+    def backend(gm, example_inputs):
+        qg = capture(gm, example_inputs)
+        stats = shared.setdefault("stats", graph_stats(qg))  # the prefill's, for every graph
+        details = {}
+        smooth_attention(qg, find_linears(qg), make_config({"recipe": "qoq"}), stats, details)
+        seen.append(details)
+        qg.materialize_overrides()
+        qg.gm.recompile()
+        return qg.gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    nxt = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for _ in range(3):
+            a = compiled(nxt, past_key_values=caches[0]).logits
+            b = model(nxt, past_key_values=caches[1]).logits
+            assert float((a - b).norm() / b.norm()) < 1e-4
+            nxt = b[:, -1:].argmax(-1)
+    assert len(seen) >= 2 and all(any("lambda_max" in str(d) for d in s.values()) for s in seen), seen
