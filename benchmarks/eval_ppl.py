@@ -47,6 +47,20 @@ VARIANTS: dict[str, dict | None] = {
     "w4a8-g128 + KV4 (RTN)": {"recipe": "w4a8-g128", "kv_bits": 4},
     "qoq (W4A8KV4)": {"recipe": "qoq"},
     "w4a8-g128 + grid + gptq + KV4": {"recipe": "qoq", "smooth": False, "smooth_attention": False, "gptq": True},
+    # Where the KV4 loss is: FP linears (every layer skipped) with the 4-bit cache, then the KV levers.
+    "fp + KV4": {"recipe": "w4a8-g128", "kv_bits": 4, "skip_layers": ["*"]},
+    "fp + KV4 + rotate_kv": {"recipe": "w4a8-g128", "kv_bits": 4, "skip_layers": ["*"], "rotate_kv": True},
+    "w4a8-g128 + KV4 + rotate_kv (RTN)": {"recipe": "w4a8-g128", "kv_bits": 4, "rotate_kv": True},
+    "qoq + rotate_kv": {"recipe": "qoq", "rotate_kv": True},
+    "qoq + rotate_kv - smooth_attention": {"recipe": "qoq", "rotate_kv": True, "smooth_attention": False},
+    "qoq + reorder + gptq + rotate_kv": {"recipe": "qoq", "reorder": True, "gptq": True, "rotate_kv": True},
+    "qoq + smooth_attention 0.25 + rotate_kv": {"recipe": "qoq", "rotate_kv": True, "smooth_attention_alpha": 0.25},
+    # Block-input rotation (passes/rotate.py) with GPTQ, at W4A8 (KV16).
+    "qoq + rotate + reorder + gptq (KV16)": {"recipe": "qoq", "rotate": True, "reorder": True, "gptq": True,
+                                             "kv_bits": 16},
+    "qoq + rotate + gptq (KV16)": {"recipe": "qoq", "rotate": True, "gptq": True, "kv_bits": 16},
+    "qoq-chn + gptq (KV16)": {"recipe": "qoq-chn", "gptq": True, "kv_bits": 16},
+    "qoq-chn (W4A8KV4)": {"recipe": "qoq-chn"},
 }
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",
                        "textwrap", "pathlib", "json", "inspect")
@@ -154,6 +168,88 @@ def perplexity(model, wins: list[torch.Tensor], cache=None) -> float:
     return math.exp(nll / count)
 
 
+# --kv-probe rows: (K 4-bit, V 4-bit, rotate K and q, rotate V, SmoothAttention α or None).
+KV_PROBE = {
+    "KV16": (False, False, False, False, None),
+    "KV4": (True, True, False, False, None),
+    "K4 only": (True, False, False, False, None),
+    "V4 only": (False, True, False, False, None),
+    "K4 only, K rotated": (True, False, True, False, None),
+    "V4 only, V rotated": (False, True, False, True, None),
+    "KV4, K rotated": (True, True, True, False, None),
+    "KV4, K and V rotated": (True, True, True, True, None),
+    "KV4, SmoothAttention 0.25": (True, True, False, False, 0.25),
+    "KV4, SmoothAttention 0.5": (True, True, False, False, 0.5),
+    "KV4, SmoothAttention 1.0": (True, True, False, False, 1.0),
+    "KV4, SmoothAttention 0.25, K and V rotated": (True, True, True, True, 0.25),
+    "KV4, SmoothAttention 0.5, K and V rotated": (True, True, True, True, 0.5),
+}
+
+
+def kv_probe(model, evals, calib) -> list[dict]:
+    """Where KV4 loses, with FP weights: K and V fake-quantized in eager attention with the KV4 reference
+    quantizer (per token and KV head over head_dim, asymmetric uint4, fp16 scale and zero), one at a
+    time or together, with passes/rotate_kv's H and SmoothAttention's λ (from calibration K) applied
+    as the passes would (λ before RoPE equals λ after it: RoPE pairs share λ). The compiled KV4 path
+    (kv_cache pass) cannot quantize K alone, hence this probe; its "KV4" row is the compiled row's twin."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lowering.kv4_append import kv4_dequantize, kv4_quantize
+    from passes.rotate_kv import kv_rotation
+
+    state: dict = {"row": KV_PROBE["KV16"], "lam": None, "kmax": None}
+    kmax: dict[int, torch.Tensor] = {}
+
+    def q4(x):
+        return kv4_dequantize(*kv4_quantize(x)).to(x.dtype)
+
+    def attention(module, query, key, value, attention_mask, **kw):
+        k4, v4, rk, rv, _ = state["row"]
+        i = module.layer_idx
+        if state["kmax"] is not None:
+            m = key.abs().amax(dim=(0, 2))  # [Hkv, D], after RoPE
+            kmax[i] = torch.maximum(kmax.get(i, m), m)
+        h = kv_rotation(query.shape[-1])
+        if state["lam"] is not None:
+            lam = state["lam"][i]
+            key = key / lam[None, :, None, :]
+            query = query * lam.repeat_interleave(query.shape[1] // key.shape[1], 0)[None, :, None, :]
+        if rk:
+            key, query = key @ h, query @ h
+        if rv:
+            value = value @ h
+        key = q4(key) if k4 else key
+        value = q4(value) if v4 else value
+        out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
+        return (out @ h.t() if rv else out), w
+
+    AttentionInterface.register("qoq_kv_probe", attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("qoq_kv_probe")
+    try:
+        state["kmax"] = True
+        with torch.no_grad():
+            for c in calib:
+                model(c, use_cache=False)
+        state["kmax"] = None
+        rows = []
+        for name, row in KV_PROBE.items():
+            state["row"], alpha = row, row[4]
+            state["lam"] = None
+            if alpha is not None:  # SmoothAttention's λ: RoPE pairs (i, i + D/2) share the larger max
+                state["lam"] = {}
+                for i, m in kmax.items():
+                    d = m.shape[-1] // 2
+                    p = torch.maximum(m[:, :d], m[:, d:])
+                    state["lam"][i] = torch.cat([p, p], 1).clamp_min(1e-5).pow(alpha)
+            t0 = time.time()
+            rows.append({"variant": f"probe: {name}", "ppl": perplexity(model, evals), "seconds": round(time.time() - t0, 1)})
+    finally:
+        model.set_attn_implementation(previous)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows")
@@ -164,6 +260,8 @@ def main() -> None:
     ap.add_argument("--lowering", choices=("fake", "kernels"), default="fake",
                     help="fake: W4A8 layers as fake-quant float math (fast on CPU); kernels: the qoq ops")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kv-probe", action="store_true",
+                    help="only the KV4 probe with FP weights (K alone, V alone, rotations, SmoothAttention α)")
     args = ap.parse_args()
 
     import qcompile
@@ -183,6 +281,16 @@ def main() -> None:
             "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
             "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.kv_probe:
+        rows = kv_probe(model, evals, calib)
+        fp = rows[0]["ppl"]
+        for row in rows:
+            row["vs_fp_pct"] = round(100 * (row["ppl"] / fp - 1), 2)
+            print(f"{row['variant']:48s} ppl {row['ppl']:8.3f}  {row['vs_fp_pct']:+7.2f}%  ({row['seconds']} s)", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        return
     rows = []
     stats = None
     fp = None
@@ -212,8 +320,17 @@ def main() -> None:
             for g in registry.GRAPHS[first:]:
                 for k, v in g.qoq_ops.items():
                     ops[k] = ops.get(k, 0) + v
-            extra = {"qoq_ops": ops, "graphs": len(registry.GRAPHS) - first}
-            if kv4 and not ops.get("qoq.kv4_attention"):
+            # What each QoQ pass did, layer by layer ("skipped: why" counts apart), so a pass that never
+            # fires in a graph shape (e.g. with a static cache) shows in the row.
+            did: dict[str, int] = {}
+            for g in registry.GRAPHS[first:]:
+                for layer in g.layers:
+                    for key, val in layer.details.items():
+                        if key in ("smooth", "smooth_attention", "reorder", "rotate", "weight_search", "grid_search", "gptq"):
+                            tag = f"{key} skipped" if str(val).startswith("skipped") else key
+                            did[tag] = did.get(tag, 0) + 1
+            extra = {"qoq_ops": ops, "graphs": len(registry.GRAPHS) - first, "passes": did}
+            if kv4 and not ops.get("qoq.kv4_cache_attention"):
                 # A KV4 row whose attention was not rewritten would be a KV16 number under a KV4 name.
                 sys.exit(f"{name}: kv_bits=4 but the kv_cache pass rewrote no attention (qoq ops: {ops})")
             del compiled
