@@ -48,6 +48,12 @@ def allocate_outside_graph_pools(make: Callable[[], torch.Tensor]) -> torch.Tens
     there is an error ("tensor(s) in the cudagraph pool not tracked as outputs") or, worse, memory the
     pool reuses under us. A helper thread allocates from the ordinary pool, on a stream of its own,
     and waits for the initialising kernel before handing the tensor over."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "qoq: a kernel workspace (split-K counters) was first needed while a CUDA graph was being captured, "
+            "where no memory may be allocated for good. Run the compiled model (or op) once before capturing; "
+            "torch.compile's mode='reduce-overhead' does that warm-up itself."
+        )
     made: list = []
     failed: list = []
     device = torch.cuda.current_device()  # a new thread starts on device 0
