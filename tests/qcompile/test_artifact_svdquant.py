@@ -200,3 +200,24 @@ def test_conv1x1_layers_save_replay_and_release(tmp_path, monkeypatch):
 def _seed0_net() -> _ConvNet:
     torch.manual_seed(0)
     return _ConvNet().eval()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", ["svdquant", "w4a8-svd"])
+def test_svdquant_artifact_on_the_gpu_with_triton_kernels(tmp_path, recipe):
+    """The same round trip in bf16 on CUDA with the Triton kernels and Inductor: the replayed graph
+    launches the same kernels on the same constants, so the outputs are bit-identical."""
+    torch._dynamo.reset()
+    model = _flux().to("cuda", torch.bfloat16)
+    inputs = {k: (v.to("cuda") if isinstance(v, torch.Tensor) else v) for k, v in _inputs(dtype=torch.bfloat16).items()}
+    compiled = torch.compile(model, backend="qoq", options={"recipe": recipe, "release_fp_weights": True, "strict": True})
+    with torch.no_grad():
+        want = compiled(**inputs)[0]
+    assert is_released(model.transformer_blocks[0].attn.to_q.weight)
+    assert is_released(model.transformer_blocks[0].norm1.linear.weight)
+    qcompile.save(compiled, str(tmp_path / "a"))
+    torch._dynamo.reset()
+    again = torch.compile(_flux().to("cuda", torch.bfloat16), backend="qoq", options={"artifact": str(tmp_path / "a")})
+    with torch.no_grad():
+        got = again(**inputs)[0]
+    assert torch.equal(got, want)
