@@ -25,6 +25,9 @@ import runtime.kv_cache as runtime_kv
 def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: bool) -> "runtime_kv.KV4LayerBuffers":
     bufs = runtime_kv.kv4_buffers_of(fp_keys)
     if bufs is not None:
+        if release_fp_cache:  # a graph run outside qoq's runner (which frees them first)
+            runtime_kv.release_storage(fp_keys)
+            runtime_kv.release_storage(fp_values)
         return bufs
     if fp_keys.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
@@ -47,7 +50,7 @@ def kv4_cache_append(
     """Write k, v [B, Hkv, T, D] at cache_position [T] into the KV4 buffers standing for the FP cache
     (fp_keys, fp_values) [B, Hkv, L, D]; returns an empty token for kv4_cache_attention.
 
-    `release_fp_cache` frees the FP tensors' storage when their buffers are made (they are never read)."""
+    `release_fp_cache` frees the FP tensors' storage (they are never read or written)."""
     bufs = _buffers(fp_keys, fp_values, release_fp_cache)
     kv4_append(k, v, *bufs.tensors(), cache_position, kernels=kernels)
     return k.new_empty(0)

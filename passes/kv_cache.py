@@ -21,7 +21,7 @@ import torch.fx as fx
 
 import lowering.kv4_cache  # noqa: F401  (registers torch.ops.qoq.kv4_cache_append / kv4_cache_attention)
 from qcompile.capture import QGraph
-from runtime.kv_cache import kv4_buffers_for, release_storage
+from runtime.kv_cache import kv4_buffers_for
 from runtime.registry import LayerRecord
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -43,7 +43,7 @@ class CacheWrite:
 class KVCacheResult:
     records: list[LayerRecord] = field(default_factory=list)  # one per rewritten or skipped attention
     rewritten: int = 0
-    released: list[str] = field(default_factory=list)  # FP cache placeholders whose storage was freed
+    to_release: list[str] = field(default_factory=list)  # FP cache placeholders whose storage the first run frees
     dead_cache_inputs: list[str] = field(default_factory=list)  # placeholders only used to find KV4 buffers
 
 
@@ -178,8 +178,9 @@ def kv_cache(
 
     The packed buffers standing for one layer's FP cache are kept per FP tensor (runtime/kv_cache), so
     prefill and decode graphs meet in the same buffers; the example cache's are made here.
-    `release_fp_cache` frees the FP caches' storage (shape/stride kept for Dynamo's guards); off by
-    default because transformers' `StaticCache.reset()` zeroes those tensors.
+    `release_fp_cache` has the ops free the FP caches' storage (shape/stride kept for Dynamo's guards)
+    when the graph first runs, not here: a graph that falls back to FP after this pass still reads
+    them. Off by default because transformers' `StaticCache.reset()` zeroes those tensors.
     """
     gm, graph = qgraph.gm, qgraph.gm.graph
     result = KVCacheResult()
@@ -284,13 +285,11 @@ def kv_cache(
         result.dead_cache_inputs += [kc.name, vc.name]
         result.records.append(LayerRecord(
             name=name, kind="attention", shape=tuple(kv.shape), quantized=True, format="kv4",
-            kernel=f"qoq.kv4_append + qoq.kv4_attention ({kernels})",
+            kernel=f"qoq.kv4_cache_append + qoq.kv4_cache_attention ({kernels})",
             details={"kv_bits": 4, "bits_per_element": bufs.bits_per_element(), "cache_inputs": [kc.name, vc.name],
                      "append_after": append.name}))
         if release_fp_cache:
-            for t, c in ((fp_k, kc), (fp_v, vc)):
-                release_storage(t)
-                result.released.append(c.name)
+            result.to_release += [kc.name, vc.name]
     if result.rewritten:
         graph.lint()
         gm.recompile()

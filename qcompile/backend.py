@@ -54,7 +54,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
     # C-level loops: this runs on every call, a decode step of an 8B model checks ~290 tensors.
     pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda a: (a[indices[0]],) if indices else ())
     expected_t = tuple(example_inputs[i] for i in indices)
-    last_cache: list = [example_inputs[caches[0][0]] if caches else None]
+    last_cache: list = [None]  # the first call too: it frees the example caches (release_fp_cache)
 
     @functools.wraps(fn)
     def run(*args):

@@ -98,10 +98,9 @@ def kv4_buffers_of(fp_keys: torch.Tensor) -> Optional[KV4LayerBuffers]:
 def ensure_kv4_buffers(fp_caches: list[tuple[torch.Tensor, torch.Tensor]], release_fp_cache: bool) -> None:
     """Make the KV4 buffers of every (K, V) FP cache pair a compiled graph is about to get, before it
     runs: under CUDA graphs the graph's own run (warm-up included) allocates from the CUDA-graph pool,
-    where buffers that outlive the run are not allowed (and would be freed under us)."""
+    where buffers that outlive the run are not allowed (and would be freed under us). With
+    `release_fp_cache`, the FP tensors' storage goes too (the rewritten graph never touches it)."""
     for fp_keys, fp_values in fp_caches:
-        if fp_keys in _BUFFERS_BY_FP_CACHE:
-            continue
         kv4_buffers_for(fp_keys, fp_values)
         if release_fp_cache:
             release_storage(fp_keys)
@@ -111,7 +110,8 @@ def ensure_kv4_buffers(fp_caches: list[tuple[torch.Tensor, torch.Tensor]], relea
 def release_storage(t: torch.Tensor) -> None:
     """Free a tensor's memory but keep its metadata (shape, stride, dtype), which is what Dynamo's
     guards check: for FP cache tensors that a rewritten graph no longer reads or writes."""
-    t.untyped_storage().resize_(0)
+    if t.untyped_storage().nbytes():
+        t.untyped_storage().resize_(0)
 
 
 class KV4Layer(CacheLayerMixin):

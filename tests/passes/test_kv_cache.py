@@ -103,7 +103,7 @@ def test_llama_triton_kernels_and_released_fp_cache():
     cache, diffs = _run_llama(backend, steps=2, batch=1, prompt=5, device=DEVICE)
     assert max(diffs) < (1e-2 if DEVICE == "cuda" else 1e-4), diffs  # tf32 dots on a GPU
     assert len(backend.results) == 2  # releasing the FP storage did not trigger recompiles
-    released = [name for r in backend.results for name in r.released]
+    released = [name for r in backend.results for name in r.to_release]
     assert len(released) == 8
     assert all(layer.keys.untyped_storage().nbytes() == 0 for layer in cache.layers)
 
@@ -281,8 +281,8 @@ def test_the_backend_makes_a_new_caches_buffers_before_the_graph_runs():
 
     q, k, v, kc, vc, pos = _args()
     torch._dynamo.reset()
-    compiled = torch.compile(step, backend="qoq", fullgraph=True, options={
-        "inductor": False, "kernels": "reference", "release_fp_cache": True})
+    compiled = torch.compile(step, backend="qoq", fullgraph=True, options={  # KV4 alone (no K/V rotation)
+        "recipe": "w4a8-g128", "kv_bits": 4, "inductor": False, "kernels": "reference", "release_fp_cache": True})
     compiled(q, k, v, kc, vc, pos)
     assert kc.untyped_storage().nbytes() == 0 and kv4_buffers_of(kc) is not None
     kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
@@ -295,3 +295,36 @@ def test_the_backend_makes_a_new_caches_buffers_before_the_graph_runs():
     caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
     kv4_append(k, v, *caches, pos, kernels="reference")
     torch.testing.assert_close(out, kv4_attention(q, *caches, pos, None, 0.3, kernels="reference"))
+
+
+def test_a_graph_left_in_fp_after_the_pass_keeps_its_fp_cache(monkeypatch):
+    """release_fp_cache frees the FP cache when the rewritten graph first runs, not in the pass: when
+    Inductor then fails on the rewritten graph and qoq falls back to the FP graph, that graph still
+    reads and writes the FP cache."""
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+    calls = []
+
+    def failing_once(gm, example_inputs, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("inductor failed (simulated)")
+        return real(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", failing_once)
+
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        return _read_repeat_kv(q, kc, vc, None)
+
+    q, k, v, kc, vc, pos = _args()
+    want = step(q, k, v, kc.clone(), vc.clone(), pos)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="qoq", fullgraph=True, options={
+        "recipe": "w4a8-g128", "kv_bits": 4, "kernels": "reference", "release_fp_cache": True})
+    with pytest.warns(UserWarning, match="left in FP"):
+        out = compiled(q, k, v, kc, vc, pos)
+    assert len(calls) == 2
+    assert kc.untyped_storage().nbytes() > 0 and kc[:, :, pos].abs().sum() > 0  # the FP graph wrote it
+    torch.testing.assert_close(out, want)
