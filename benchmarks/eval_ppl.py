@@ -61,6 +61,7 @@ VARIANTS: dict[str, dict | None] = {
     "qoq + rotate + gptq (KV16)": {"recipe": "qoq", "rotate": True, "gptq": True, "kv_bits": 16},
     "qoq-chn + gptq (KV16)": {"recipe": "qoq-chn", "gptq": True, "kv_bits": 16},
     "qoq-chn (W4A8KV4)": {"recipe": "qoq-chn"},
+    "qoq + rotate (W4A8KV4)": {"recipe": "qoq", "rotate": True},
 }
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",
                        "textwrap", "pathlib", "json", "inspect")
