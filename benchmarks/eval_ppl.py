@@ -62,6 +62,12 @@ VARIANTS: dict[str, dict | None] = {
     "qoq-chn + gptq (KV16)": {"recipe": "qoq-chn", "gptq": True, "kv_bits": 16},
     "qoq-chn (W4A8KV4)": {"recipe": "qoq-chn"},
     "qoq + rotate (W4A8KV4)": {"recipe": "qoq", "rotate": True},
+    "qoq + rotate - smooth (W4A8KV4)": {"recipe": "qoq", "rotate": True, "smooth": False},
+    "qoq + rotate (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16},
+    "qoq-chn + rotate + gptq (W4A8KV4)": {"recipe": "qoq-chn", "rotate": True, "gptq": True},
+    # SmoothAttention now reaches K through the static cache (it was skipped in every KV4 graph before).
+    "qoq + smooth_attention (W4A8KV4)": {"recipe": "qoq", "smooth_attention": True},
+    "qoq + rotate + smooth_attention (W4A8KV4)": {"recipe": "qoq", "rotate": True, "smooth_attention": True},
 }
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",
                        "textwrap", "pathlib", "json", "inspect")
