@@ -54,15 +54,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
     # C-level loops: this runs on every call, a decode step of an 8B model checks ~290 tensors.
     pick = operator.itemgetter(*indices) if len(indices) > 1 else (lambda a: (a[indices[0]],) if indices else ())
     expected_t = tuple(example_inputs[i] for i in indices)
-    last_cache: list = [None]  # the first call too: it frees the example caches (release_fp_cache)
+    # weakly held: the runner must not keep a dropped cache (and its KV4 buffers) alive. None at first,
+    # so the first call also frees the example caches (release_fp_cache).
+    last_cache: list = [lambda: None]
 
     @functools.wraps(fn)
     def run(*args):
         # A cache the graph has not met yet (Dynamo reuses the graph for any cache its guards accept)
         # gets its KV4 buffers here, outside the graph's run and so outside any CUDA-graph pool.
-        if caches and args[caches[0][0]] is not last_cache[0]:
+        if caches and args[caches[0][0]] is not last_cache[0]():
             ensure_kv4_buffers([(args[k], args[v]) for k, v in caches], config.release_fp_cache)
-            last_cache[0] = args[caches[0][0]]
+            last_cache[0] = weakref.ref(args[caches[0][0]])
         if all(map(operator.is_, pick(args), expected_t)):
             return fn(*args)
         key = tuple(map(id, pick(args)))

@@ -2,7 +2,9 @@
 a small transformers Llama with StaticCache and of small functions in each write/GQA spelling."""
 from __future__ import annotations
 
+import gc
 import operator
+import weakref
 from unittest.mock import patch
 
 import pytest
@@ -295,6 +297,10 @@ def test_the_backend_makes_a_new_caches_buffers_before_the_graph_runs():
     caches = [*kv4_alloc(B, HKV, L, D), *kv4_alloc(B, HKV, L, D)]
     kv4_append(k, v, *caches, pos, kernels="reference")
     torch.testing.assert_close(out, kv4_attention(q, *caches, pos, None, 0.3, kernels="reference"))
+    gone = weakref.ref(kc2)
+    del kc2, vc2, made
+    gc.collect()
+    assert gone() is None  # the runner does not keep the last cache (nor its KV4 buffers) alive
 
 
 def test_a_graph_left_in_fp_after_the_pass_keeps_its_fp_cache(monkeypatch):
