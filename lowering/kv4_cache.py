@@ -23,23 +23,14 @@ import runtime.kv_cache as runtime_kv
 
 
 def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: bool) -> "runtime_kv.KV4LayerBuffers":
-    bufs = runtime_kv.kv4_buffers_of(fp_keys)
-    if bufs is not None:
-        if release_fp_cache:  # a graph run outside qoq's runner (which frees them first)
-            runtime_kv.release_storage(fp_keys)
-            runtime_kv.release_storage(fp_values)
-        return bufs
-    if fp_keys.is_cuda and torch.cuda.is_current_stream_capturing():
+    # qoq's runner has made them before the graph ran; a graph run outside it may meet a new cache here
+    if runtime_kv.kv4_buffers_of(fp_keys) is None and fp_keys.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "qoq KV4: a KV cache was first seen while a CUDA graph was being captured, so its 4-bit buffers "
             "would live in the graph's private memory pool. Run one step without capture first (torch.compile's "
             "cudagraph trees warm up before capturing; a hand-made torch.cuda.graph needs a warm-up call)."
         )
-    bufs = runtime_kv.kv4_buffers_for(fp_keys, fp_values)
-    if release_fp_cache:
-        runtime_kv.release_storage(fp_keys)
-        runtime_kv.release_storage(fp_values)
-    return bufs
+    return runtime_kv.kv4_buffers_for(fp_keys, fp_values, release_fp_cache)
 
 
 @torch.library.custom_op("qoq::kv4_cache_append", mutates_args=())

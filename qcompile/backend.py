@@ -22,7 +22,7 @@ from qcompile.capture import capture
 from qcompile.config import QoQConfig, make_config
 from qcompile.fallback import FallbackGuard, copy_graph
 from qcompile.artifact import artifact_config, record_constants, remember_graph, replay
-from runtime.kv_cache import ensure_kv4_buffers
+from runtime.kv_cache import kv4_buffers_for
 from runtime.artifact import ArtifactData, ArtifactError, load, records_for, remember
 from runtime.registry import GraphRecord, link_params, new_graph_record
 from runtime.weights import is_released, release
@@ -63,7 +63,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
         # A cache the graph has not met yet (Dynamo reuses the graph for any cache its guards accept)
         # gets its KV4 buffers here, outside the graph's run and so outside any CUDA-graph pool.
         if caches and args[caches[0][0]] is not last_cache[0]():
-            ensure_kv4_buffers([(args[k], args[v]) for k, v in caches], config.release_fp_cache)
+            for k, v in caches:
+                kv4_buffers_for(args[k], args[v], config.release_fp_cache)
             last_cache[0] = weakref.ref(args[caches[0][0]])
         if all(map(operator.is_, pick(args), expected_t)):
             return fn(*args)

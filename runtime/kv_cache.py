@@ -72,14 +72,21 @@ class KV4LayerBuffers:
 _BUFFERS_BY_FP_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def kv4_buffers_for(fp_keys: torch.Tensor, fp_values: torch.Tensor) -> KV4LayerBuffers:
-    """The KV4 buffers that stand for one layer's FP static cache (K and V tensors of [B, Hkv, L, D]).
+def kv4_buffers_for(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: bool = False) -> KV4LayerBuffers:
+    """The KV4 buffers that stand for one layer's FP static cache (K and V tensors of [B, Hkv, L, D]),
+    made on first sight.
 
     Every graph Dynamo compiles against the same cache tensors (prefill, decode, recompiles) must
     write and read the same KV4 buffers, so they are kept per FP key tensor, for as long as it lives.
+    `release_fp_cache` also frees the FP tensors' storage (a rewritten graph never touches it).
+    Under CUDA graphs, call this before the graph runs: its own run (warm-up included) allocates
+    from the graph's private pool, where buffers that outlive the run are not allowed.
     """
     found = _BUFFERS_BY_FP_CACHE.get(fp_keys)
     if found is not None:
+        if release_fp_cache:
+            release_storage(fp_keys)
+            release_storage(fp_values)
         return found
     if fp_keys.shape != fp_values.shape or fp_keys.dim() != 4:
         raise ValueError(f"KV4 needs K and V caches of the same [B, Hkv, L, D] shape, got "
@@ -87,24 +94,15 @@ def kv4_buffers_for(fp_keys: torch.Tensor, fp_values: torch.Tensor) -> KV4LayerB
     b, h, length, d = fp_keys.shape
     buffers = KV4LayerBuffers.allocate(b, h, length, d, fp_keys.device)
     _BUFFERS_BY_FP_CACHE[fp_keys] = buffers
+    if release_fp_cache:
+        release_storage(fp_keys)
+        release_storage(fp_values)
     return buffers
 
 
 def kv4_buffers_of(fp_keys: torch.Tensor) -> Optional[KV4LayerBuffers]:
     """The KV4 buffers a compiled graph made for this FP key cache, if any (none are made here)."""
     return _BUFFERS_BY_FP_CACHE.get(fp_keys)
-
-
-def ensure_kv4_buffers(fp_caches: list[tuple[torch.Tensor, torch.Tensor]], release_fp_cache: bool) -> None:
-    """Make the KV4 buffers of every (K, V) FP cache pair a compiled graph is about to get, before it
-    runs: under CUDA graphs the graph's own run (warm-up included) allocates from the CUDA-graph pool,
-    where buffers that outlive the run are not allowed (and would be freed under us). With
-    `release_fp_cache`, the FP tensors' storage goes too (the rewritten graph never touches it)."""
-    for fp_keys, fp_values in fp_caches:
-        kv4_buffers_for(fp_keys, fp_values)
-        if release_fp_cache:
-            release_storage(fp_keys)
-            release_storage(fp_values)
 
 
 def release_storage(t: torch.Tensor) -> None:
@@ -210,4 +208,4 @@ class KV4Cache(Cache):
         return 8 * self.nbytes / elements
 
 
-__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "kv4_buffers_for", "ensure_kv4_buffers", "release_storage"]
+__all__ = ["KV4Cache", "KV4Layer", "KV4LayerBuffers", "kv4_bits_per_element", "kv4_buffers_for", "release_storage"]
