@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from passes.match import LinearMatch
 from passes.scale_groups import _keeps_channels, as_norm, channel_source, channel_users, linear_bias, linear_weight, set_linear_weight
+from qcompile.artifact import WEIGHT_COPY_META
 from qcompile.calibrate_api import transform_inputs
 from qcompile.calibration import CalibrationStats
 from qcompile.capture import QGraph
@@ -145,10 +146,12 @@ def rotate(qgraph: QGraph, linears: list[LinearMatch], config: QoQConfig, stats:
             w = w * g[None, :]
         new = (w @ Q).to(linear_weight(qgraph, m).dtype)
         if m.weight is plan.embedding:
-            # Tied output projection: it needs its own copy, the embedding takes E·Q.
+            # Tied output projection: it needs its own copy, the embedding takes E·Q. The meta tag lets
+            # the artifact record the copy, so later graphs of the model (decode) replay this rewrite.
             if m.weight_transposed or m.node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
                 raise RuntimeError(f"qoq rotate: tied weight of {m.fqn} is read in an unexpected form")
             const = qgraph.add_constant(f"{m.fqn}.rotated", new.contiguous(), before=m.node)
+            const.meta[WEIGHT_COPY_META] = m.fqn
             m.node.replace_input_with(m.weight, const)
         else:
             set_linear_weight(qgraph, m, new)

@@ -22,8 +22,12 @@ from runtime.registry import GraphRecord, LayerRecord
 # Config fields that describe the runtime, not the numbers: an artifact does not fix them.
 RUNTIME_FIELDS = ("kernels", "inductor", "mode", "calibration", "artifact", "release_fp_weights",
                   "release_fp_cache", "debug_dir", "quiet", "strict")
+_FP_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
 _INPUT_OPS = {torch.mul: "mul", torch.index_select: "index_select"}
+# Meta key of a get_attr node holding a pass's own copy of a shared weight, read by the FP linear
+# named by the value (passes/rotate.py: a tied lm_head): the record saves it, a replay reads it again.
+WEIGHT_COPY_META = "qoq_weight_copy_of"
 
 
 def artifact_config(config: QoQConfig) -> dict:
@@ -224,6 +228,7 @@ def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQC
                 layer = rec.by_name.get(fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn)
                 if layer is not None and layer.quantized and layer.name not in data.layers:
                     data.layers[layer.name] = _layer_entry(layer, "weight_override", {})
+    _record_weight_copies(qgraph, consts, used, data)
     # Cache buffers of the KV4 pass are state, not weights: the replay makes new ones.
     left = sorted(stem for name, (stem, _) in consts.items() if name not in used and not stem.startswith("kv4."))
     if left:
@@ -233,6 +238,27 @@ def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQC
             "ones (svdquant, w4a8-svd)"
         )
     return data
+
+
+def _record_weight_copies(qgraph: QGraph, consts: dict, used: set, data: ArtifactData) -> None:
+    """FP linears that read a pass's copy of a shared weight instead of the parameter (WEIGHT_COPY_META)."""
+    for node in qgraph.gm.graph.nodes:
+        fqn = node.meta.get(WEIGHT_COPY_META) if node.op == "get_attr" else None
+        if fqn is None or node.target not in consts or node.target in used:
+            continue
+        readers = [u for u in node.users if not (u.op == "call_function" and u.target in _FP_LINEAR
+                                                  and len(u.args) > 1 and u.args[1] is node)]
+        if readers:
+            raise ArtifactError(f"the copy of {fqn}'s weight is read by {readers[0].name}, not only as the weight of "
+                                "an FP linear; it cannot be saved")
+        if fqn in data.layers:
+            raise ArtifactError(f"layer {fqn} is quantized and also reads a copy of its weight; it cannot be saved")
+        key = f"{fqn}.weight_copy"
+        data.weight_copies[fqn] = key
+        data.tensors[key] = consts[node.target][1]
+        data.skipped.setdefault(fqn, ("weight tied to another use (an embedding): reads its own FP copy, "
+                                      "which a pass rewrote (block rotation)"))
+        used.add(node.target)
 
 
 def remember_graph(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQConfig) -> Optional[ArtifactData]:
@@ -291,6 +317,8 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
         live = qgraph.weights[m.weight.name].tensor
         if entry is None:
             if m.fqn in data.skipped:
+                if m.fqn in data.weight_copies:
+                    _read_weight_copy(qgraph, m, data.tensor(data.weight_copies[m.fqn], live.device), source)
                 record.layers.append(LayerRecord(name=m.fqn, kind="linear", shape=tuple(m.weight_shape),
                                                  quantized=False, reason=data.skipped[m.fqn]))
                 continue
@@ -353,6 +381,18 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
     from passes.manager import finish_graph
 
     finish_graph(qgraph, record)
+
+
+def _read_weight_copy(qgraph: QGraph, m, value: torch.Tensor, source: str) -> None:
+    """Make the FP linear `m` read its recorded weight copy (before the overrides replace the shared one)."""
+    if m.node.target not in _FP_LINEAR or m.weight_transposed or list(value.shape) != list(m.weight_shape):
+        raise ArtifactError(
+            f"{source}: layer {m.fqn} read a {tuple(value.shape)} copy of its weight through F.linear when saved; "
+            f"here it is {tuple(m.weight_shape)} read by {m.node.target}: the artifact was saved from a different model"
+        )
+    const = qgraph.add_constant(f"{m.fqn}.weight_copy", value, before=m.node)
+    const.meta[WEIGHT_COPY_META] = m.fqn
+    m.node.replace_input_with(m.weight, const)
 
 
 def _replayed_record(m, entry: dict, config: QoQConfig, source: str) -> LayerRecord:

@@ -17,9 +17,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 FORMAT_NAME = "qoq-artifact"
-VERSION = 2
-# Version 1 (W4A8 layers only) reads as version 2 with no shared inputs.
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+# Version 1 (W4A8 layers only) reads as version 3 with no shared inputs, version 2 with no weight
+# copies. An older qoq must refuse version 3: replaying it without the weight copies would run a tied
+# lm_head on the rotated embedding, silently wrong.
+READABLE_VERSIONS = (1, 2, 3)
 JSON_NAME = "qoq.json"
 TENSORS_NAME = "weights.safetensors"
 
@@ -43,6 +45,8 @@ class ArtifactData:
       smooth_inv, l_down, shift) and its `layers` in graph order.
     - `skipped[fqn]`: a linear left in FP and why.
     - `overrides[weight_fqn]`: key of a new FP value a pass gave a weight (a folded norm weight).
+    - `weight_copies[fqn]`: key of the weight an FP linear reads instead of its parameter, which a
+      pass gave it because the parameter is shared (a tied lm_head, rotated apart from the embedding).
     """
 
     config: dict[str, Any]
@@ -50,6 +54,7 @@ class ArtifactData:
     skipped: dict[str, str] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     inputs: dict[str, dict] = field(default_factory=dict)
+    weight_copies: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     unsaveable: str = ""  # why this graph's rewrite cannot be replayed ('' when it can)
     _on_device: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
@@ -68,6 +73,7 @@ class ArtifactData:
         self.inputs.update(other.inputs)
         self.skipped.update(other.skipped)
         self.overrides.update(other.overrides)
+        self.weight_copies.update(other.weight_copies)
         self.tensors.update(other.tensors)
 
     def tensor(self, key: str, device: torch.device) -> torch.Tensor:
@@ -82,7 +88,8 @@ class ArtifactData:
 
     def header(self) -> dict:
         return {"format": FORMAT_NAME, "version": VERSION, "config": self.config, "layers": self.layers,
-                "skipped": self.skipped, "overrides": self.overrides, "inputs": self.inputs}
+                "skipped": self.skipped, "overrides": self.overrides, "inputs": self.inputs,
+                "weight_copies": self.weight_copies}
 
 
 # -- records kept while the model lives ------------------------------------------------------------
@@ -182,7 +189,9 @@ def read_header(path: str) -> dict:
         )
     if header["version"] == 1:
         header.setdefault("inputs", {})
-    for key in ("config", "layers", "skipped", "overrides", "inputs", "tensors_sha256"):
+    if header["version"] in (1, 2):
+        header.setdefault("weight_copies", {})
+    for key in ("config", "layers", "skipped", "overrides", "inputs", "weight_copies", "tensors_sha256"):
         if key not in header:
             raise ArtifactError(f"artifact {path!r}: {JSON_NAME} lacks the field {key!r}; save the artifact again")
     return header
@@ -217,11 +226,12 @@ def load(path: str) -> ArtifactData:
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ArtifactError(f"artifact {path!r}: {TENSORS_NAME} cannot be read ({e}); save the artifact again") from e
     data = ArtifactData(config=header["config"], layers=header["layers"], skipped=header["skipped"],
-                        overrides=header["overrides"], inputs=header["inputs"], tensors=tensors)
+                        overrides=header["overrides"], inputs=header["inputs"],
+                        weight_copies=header["weight_copies"], tensors=tensors)
     wanted = {k for layer in data.layers.values() for k in layer["tensors"].values()}
     wanted |= {k for layer in data.layers.values() for _, k in layer["input_ops"]}
     wanted |= {k for shared in data.inputs.values() for k in shared["tensors"].values()}
-    wanted |= set(data.overrides.values())
+    wanted |= set(data.overrides.values()) | set(data.weight_copies.values())
     missing = sorted(wanted - set(tensors))
     if missing:
         raise ArtifactError(f"artifact {path!r}: tensors {missing[:5]} named in {JSON_NAME} are missing; save the artifact again")

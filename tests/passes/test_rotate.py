@@ -2,6 +2,7 @@
 LayerNorm models alone, saying why."""
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -55,3 +56,42 @@ def test_layernorm_models_are_left_alone_with_a_reason():
     rotate(qg, find_linears(qg), make_config({"recipe": "qoq"}), graph_stats(qg), details)
     assert not qg.overrides
     assert all(d["rotate"].startswith("skipped: ") for d in details.values())
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_later_graph_of_the_model_replays_the_rotated_rewrite(tie, monkeypatch):
+    """A decode step (one token) compiles a second graph: it must replay the first graph's rotated and
+    quantized weights, the tied lm_head's rotated copy included, not calibrate on its own input."""
+    import qcompile.backend as qb
+    from runtime.registry import graphs_for
+
+    calls = []
+    real = qb.calibrate_graph
+    monkeypatch.setattr(qb, "calibrate_graph", lambda *a: calls.append(1) or real(*a))
+    lm = _tiny_llama(tie)
+    torch._dynamo.reset()
+    compiled = torch.compile(lm, backend="qoq", options={"rotate": True, "kernels": "reference", "inductor": False})
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = compiled(ids).logits
+        one = compiled(ids[:1, :1]).logits
+        ref = lm(ids).logits
+    graphs = graphs_for(compiled)
+    assert len(graphs) == 2 and len(calls) == 1
+    later = graphs[-1].layers
+    assert sum(layer.quantized for layer in later) == 14
+    assert all("rotate" in layer.details and "earlier graph" in layer.details["source"] for layer in later if layer.quantized)
+    lm_head = [layer for layer in later if not layer.quantized]
+    assert len(lm_head) == 1 and ("tied" in lm_head[0].reason) == tie
+    # the same quantized function in both graphs (rows and positions do not interact before attention)
+    torch.testing.assert_close(one[0, 0], first[0, 0], rtol=1e-4, atol=1e-4)
+    assert float((first - ref).norm() / ref.norm()) < 0.2  # and still the model

@@ -128,10 +128,13 @@ def test_corrupted_or_wrong_version_artifact_is_a_clear_error(tmp_path):
 
     header = json.loads((path / JSON_NAME).read_text())
     (path / JSON_NAME).write_text(json.dumps(dict(header, version=99)))
-    with pytest.raises(Exception, match=r"has version 99; this qoq reads versions 1, 2"):
+    with pytest.raises(Exception, match=r"has version 99; this qoq reads versions 1, 2, 3"):
         compile_it()
     # Version 1 (before SVDQuant layers) had no shared inputs; it still reads.
     (path / JSON_NAME).write_text(json.dumps({k: v for k, v in dict(header, version=1).items() if k != "inputs"}))
+    compile_it()
+    # Version 2 (before weight copies) had none; it still reads.
+    (path / JSON_NAME).write_text(json.dumps({k: v for k, v in dict(header, version=2).items() if k != "weight_copies"}))
     compile_it()
     (path / JSON_NAME).write_text(json.dumps(header)[:-40])
     with pytest.raises(Exception, match=r"qoq.json is corrupted"):
@@ -188,3 +191,30 @@ def test_graph_breaks_save_every_graph_and_load_bit_identical(tmp_path, monkeypa
     again = torch.compile(model, backend="qoq", options={"artifact": str(tmp_path / "a"), "inductor": False, **_FAST})
     with torch.no_grad():
         assert torch.equal(again(x), want)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_rotated_model_round_trips_tied_or_not(tmp_path, monkeypatch, tie):
+    """Block rotation gives a tied lm_head its own rotated copy of the embedding: the artifact carries
+    it (weight_copies), so the replay is bit-identical; an untied lm_head's rotated weight is an override."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+        return LlamaForCausalLM(cfg).eval()
+
+    want = _compile_and_save(model(), tmp_path / "a", {"recipe": "qoq", "rotate": True, "inductor": False})
+    header = json.loads((tmp_path / "a" / JSON_NAME).read_text())
+    assert header["config"]["rotate"] is True and len(header["layers"]) == 7
+    lm_head = "model.embed_tokens" if tie else "lm_head"  # a tied lm_head is matched by its weight's name
+    assert (lm_head in header["weight_copies"]) == tie and lm_head in header["skipped"]
+    assert "model.embed_tokens.weight" in header["overrides"] and ("lm_head.weight" in header["overrides"]) != tie
+
+    _forbid_quantization(monkeypatch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model(), backend="qoq", options={"artifact": str(tmp_path / "a"), "inductor": False, **_FAST})
+    with torch.no_grad():
+        assert torch.equal(compiled(_ids()).logits, want)
+        assert compiled(_ids(1, 1)).logits.shape == (1, 1, 256)  # a decode-shaped graph replays it too
