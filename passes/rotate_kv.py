@@ -3,7 +3,7 @@ random signs for powers of two) applied online to what attention reads from a st
 
 - K and q after RoPE: attention only sees q·kᵀ, and (q H)(k H)ᵀ = q kᵀ, so the key written into the
   cache becomes k H and the query q H. RoPE's pair rotations do not commute with H, which is why this
-  cannot be folded into q_proj / k_proj rows and is two small matmuls in the graph instead.
+  cannot be folded into q_proj / k_proj rows and is applied online instead.
 - V: the value written into the cache becomes v H, and attention's output is multiplied by Hᵀ
   (softmax · (v H) · Hᵀ = softmax · v).
 
@@ -13,6 +13,12 @@ stretch the step for all the others. H spreads each vector's energy evenly over 
 function is kept (up to float rounding); only the 4-bit cache benefits, so the manager runs this pass
 only when kv_bits == 4, just before the kv_cache pass, which then finds the same write / SDPA pattern
 with the rotated tensors as the written source and the query.
+
+Run-time cost: this pass puts four float32 matmuls per attention into the graph (rotate_rows of the
+written K and V and of q, unrotate_rows of the output). Where the kv_cache pass rewrites the attention,
+it absorbs all four into the KV4 ops' `rotation` argument and the Triton kernels apply H on the fly,
+so no matmul or launch of its own is left; an attention that pass skips keeps the matmuls, which
+compute the same function in float.
 
 Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
 pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both

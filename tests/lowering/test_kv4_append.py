@@ -112,3 +112,82 @@ def test_append_opcheck():
         torch.ops.qoq.kv4_append.default,
         (k, v, *kv4_alloc(2, 2, 9, 16), *kv4_alloc(2, 2, 9, 16), torch.arange(2, 7), "reference"),
     )
+
+
+# -- rotation (passes/rotate_kv's H applied inside the append) -------------------------------------
+
+
+def _within_one_step(ref: list[torch.Tensor], tri: list[torch.Tensor], x_rot: torch.Tensor) -> None:
+    """Kernel and reference quantize the same rotated rows up to the order of the fp32 sums in x·H, so
+    a value on a rounding boundary (of a code, of the fp16 scale or zero) may land one step apart:
+    every dequantized element lies within one quantization step (plus the zero's fp16 rounding)."""
+    for data, meta, rdata, rmeta in ((tri[0], tri[1], ref[0], ref[1]), (tri[2], tri[3], ref[2], ref[3])):
+        got, want = kv4_dequantize(data, meta), kv4_dequantize(rdata, rmeta)
+        step = torch.maximum(meta[..., 0:1].float(), rmeta[..., 0:1].float())
+        zero = (meta[..., 1:2].float() - rmeta[..., 1:2].float()).abs()
+        assert ((got - want).abs() <= step * 1.01 + zero + 1e-6 * x_rot.abs().amax()).all()
+        assert torch.allclose(meta.float(), rmeta.float(), rtol=4e-3, atol=1e-6)
+
+
+@given(
+    b=st.integers(1, 2), h=st.integers(1, 2), t=st.integers(1, 20), extra=st.integers(0, 6),
+    d=st.sampled_from([64, 128]), dtype=st.sampled_from(DTYPES), spread=st.floats(0.01, 100.0),
+    outlier=st.floats(1.0, 30.0), seed=st.integers(0, 2**16),
+)
+def test_rotated_append_triton_matches_reference(b, h, t, extra, d, dtype, spread, outlier, seed):
+    """k·H and v·H quantized in the kernel (decode's explicit sum below 16 rows, the IEEE dot from 16)
+    are the reference's rows, which are passes/rotate_kv.rotate_rows of k and v, bit for bit."""
+    from passes.rotate_kv import kv_rotation, rotate_rows
+
+    g = torch.Generator().manual_seed(seed)
+    length = t + extra
+    k = torch.randn(b, h, t, d, generator=g) * spread
+    k[..., 0] *= outlier  # an outlier channel, what the rotation is for
+    k, v = k.to(dtype).to(DEVICE), (torch.randn(b, h, t, d, generator=g) * spread).to(dtype).to(DEVICE)
+    rot = kv_rotation(d).to(DEVICE)
+    pos = torch.randperm(length, generator=g)[:t].to(DEVICE)
+    ref, tri, spec = _caches(b, h, length, d, DEVICE), _caches(b, h, length, d, DEVICE), _caches(b, h, length, d, DEVICE)
+    kv4_append(k, v, *ref, pos, kernels="reference", rotation=rot)
+    kv4_append(k, v, *tri, pos, kernels="triton", rotation=rot)
+    kv4_append(rotate_rows(k, rot), rotate_rows(v, rot), *spec, pos, kernels="reference")
+    for r, s in zip(ref, spec):
+        assert torch.equal(r, s)  # the reference applies H exactly as rotate_kv's graph matmul did
+    _within_one_step(ref, tri, rotate_rows(k, rot).float())
+    untouched = torch.ones(length, dtype=torch.bool)
+    untouched[pos.cpu()] = False
+    assert not tri[0][:, :, untouched.to(DEVICE)].any() and not tri[1][:, :, untouched.to(DEVICE)].any()
+
+
+def test_rotated_append_codes_agree_on_most_bytes():
+    """Beyond the one-step bound: boundary cases are rare, nearly every byte is the reference's."""
+    from passes.rotate_kv import kv_rotation
+
+    g = torch.Generator().manual_seed(7)
+    for t, dtype in ((1, torch.bfloat16), (24, torch.float16), (5, torch.float32)):
+        k = torch.randn(2, 2, t, 128, generator=g).to(dtype).to(DEVICE)
+        v = torch.randn(2, 2, t, 128, generator=g).to(dtype).to(DEVICE)
+        rot, pos = kv_rotation(128).to(DEVICE), torch.arange(t, device=DEVICE)
+        ref, tri = _caches(2, 2, t, 128, DEVICE), _caches(2, 2, t, 128, DEVICE)
+        kv4_append(k, v, *ref, pos, kernels="reference", rotation=rot)
+        kv4_append(k, v, *tri, pos, kernels="triton", rotation=rot)
+        for r, x in zip(ref, tri):
+            assert (r == x).float().mean() > 0.99
+
+
+def test_append_rejects_a_bad_rotation():
+    k = torch.randn(1, 2, 3, 16)
+    caches = _caches(1, 2, 8, 16, "cpu")
+    with pytest.raises(ValueError, match=r"float32 \[16, 16\]"):
+        kv4_append(k, k, *caches, torch.arange(3), rotation=torch.eye(32))
+    with pytest.raises(ValueError, match="float32"):
+        kv4_append(k, k, *caches, torch.arange(3), rotation=torch.eye(16, dtype=torch.float16))
+
+
+def test_rotated_append_opcheck():
+    from passes.rotate_kv import kv_rotation
+
+    k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    torch.library.opcheck(
+        torch.ops.qoq.kv4_append.default,
+        (k, v, *kv4_alloc(2, 2, 9, 16), *kv4_alloc(2, 2, 9, 16), torch.arange(2, 7), "reference", kv_rotation(16)),
+    )

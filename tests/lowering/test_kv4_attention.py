@@ -112,6 +112,94 @@ def test_gpu_configs_match_reference(warps, block_n, stages, lazy, b, length, gr
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+# -- rotation (passes/rotate_kv's H: q·H in, out·Hᵀ out, inside the kernels) -----------------------
+
+
+def _rotated_cache(b, hkv, length, d, filled, g, dtype, rot):
+    caches = [*kv4_alloc(b, hkv, length, d, DEVICE), *kv4_alloc(b, hkv, length, d, DEVICE)]
+    k = torch.randn(b, hkv, filled, d, generator=g) * (1 + 4 * torch.rand(d, generator=g))
+    v = torch.randn(b, hkv, filled, d, generator=g)
+    kv4_append(k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE), *caches, torch.arange(filled, device=DEVICE),
+               kernels="reference", rotation=rot)
+    return caches
+
+
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]), d=st.sampled_from([64, 128]),
+    length=st.integers(1, 80), tq=st.integers(1, 4), start_frac=st.floats(0, 1),
+    splits=st.sampled_from([None, 1, 2, 3]), mask_kind=st.sampled_from([None, "bool"]),
+    dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16),
+)
+def test_rotated_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, splits, mask_kind, dtype, seed):
+    """The kernel's q·H (once per program) and out·Hᵀ (in the epilogue, or in the merge when the
+    sequence is split) give the reference's result, itself rotate_kv's graph matmuls around the op."""
+    from passes.rotate_kv import kv_rotation, rotate_rows, unrotate_rows
+
+    g = torch.Generator().manual_seed(seed)
+    rot = kv_rotation(d).to(DEVICE)
+    tq = min(tq, length)
+    start = int(start_frac * (length - tq))
+    caches = _rotated_cache(b, hkv, length, d, start + tq, g, dtype, rot)
+    q = torch.randn(b, hkv * group, tq, d, generator=g).to(dtype).to(DEVICE)
+    pos = torch.arange(start, start + tq, device=DEVICE)
+    mask = (torch.rand(b, 1, tq, length, generator=g) > 0.3).to(DEVICE) if mask_kind == "bool" else None
+    ref = kv4_attention_reference(q, *caches, pos, mask, None, rot)
+    spec = unrotate_rows(kv4_attention_reference(rotate_rows(q, rot), *caches, pos, mask), rot)
+    assert torch.equal(ref, spec)
+    tri = kv4_attention_triton(q, *caches, pos, mask, None, rot, num_splits=splits, block_n=16)
+    assert tri.dtype == dtype and tri.shape == q.shape and tri.is_contiguous()
+    # Un-rotating mixes every output column of a row into each one, so the kernel's 16-bit rounding
+    # (P·V operands, as without rotation) lands on near-zero elements too: the bound is per row, the
+    # tolerance times the row's largest element (measured up to 1.4x the plain bf16 tolerance).
+    err = (tri.float() - ref.float()).abs()
+    row = ref.float().abs().amax(-1, keepdim=True)
+    assert (err <= _tol(dtype) * (ref.float().abs() + 1.5 * row) + 1e-6).all(), (err.max(), row.max())
+
+
+def test_rotated_op_dispatch_strided_q_and_errors():
+    from passes.rotate_kv import kv_rotation
+
+    g = torch.Generator().manual_seed(6)
+    rot = kv_rotation(64).to(DEVICE)
+    caches = _rotated_cache(1, 2, 40, 64, 30, g, torch.float32, rot)
+    q = torch.randn(1, 4, 4, 64, generator=g).transpose(1, 2).to(DEVICE)  # [B, T, H, D] seen as [B, H, T, D]
+    pos = torch.arange(26, 30, device=DEVICE)
+    ref = kv4_attention(q, *caches, pos, kernels="reference", rotation=rot)
+    tri = kv4_attention(q, *caches, pos, kernels="triton", rotation=rot)
+    torch.testing.assert_close(tri, ref, atol=_tol(torch.float32), rtol=_tol(torch.float32))
+    # the rotation is not a no-op here: without it the same cache gives another result
+    assert (kv4_attention(q, *caches, pos, kernels="reference") - ref).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"float32 \[64, 64\]"):
+        kv4_attention(q, *caches, pos, kernels="reference", rotation=rot[:32, :32])
+    torch.library.opcheck(torch.ops.qoq.kv4_attention.default,
+                          (q.contiguous(), *caches, pos, None, None, "reference", rot))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("warps,block_n,stages", [(1, 64, 2), (4, 64, 2), (4, 128, 3)])
+@pytest.mark.parametrize("b,length,group,tq", [(1, 4096, 4, 1), (3, 777, 8, 1), (2, 300, 4, 5)])
+def test_gpu_rotated_configs_match_reference(dtype, warps, block_n, stages, b, length, group, tq):
+    """Hopper: the IEEE fp32 rotation dots beside the 16-bit MMAs, in the decode (one warp, inline-PTX
+    unpack) and prefill config families, split and not."""
+    from passes.rotate_kv import kv_rotation
+
+    g = torch.Generator().manual_seed(b * length)
+    rot = kv_rotation(128).to(DEVICE)
+    caches = _rotated_cache(b, 8 // (group // 4 if group > 4 else 1), length, 128, length, g, dtype, rot)
+    hkv = caches[0].shape[1]
+    q = torch.randn(b, hkv * group, tq, 128, generator=g).to(dtype).to(DEVICE)
+    pos = torch.arange(length - tq, length, device=DEVICE)
+    ref = kv4_attention_reference(q, *caches, pos, None, None, rot)
+    for splits in (None, 1, 4):
+        out = kv4_attention_triton(q, *caches, pos, None, None, rot, num_splits=splits, num_warps=warps,
+                                   block_n=block_n, num_stages=stages)
+        torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+        pure = kv4_attention_triton(q, *caches, pos, None, None, rot, num_splits=splits, num_warps=warps,
+                                    block_n=block_n, num_stages=stages, use_asm=False)
+        assert torch.equal(out, pure)
+
+
 def test_op_dispatch_and_strided_q():
     g = torch.Generator().manual_seed(0)
     caches, _, _ = _filled_cache(2, 2, 70, 32, 40, g)
