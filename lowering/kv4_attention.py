@@ -625,9 +625,9 @@ def triton_supports(head_dim: int) -> bool:
 def kv4_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor, v_cache: torch.Tensor, v_meta: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    rotation: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, use_asm: bool | None = None, tuning: dict | None = None,
-    plan_only: bool = False,
+    rotation: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, use_asm: bool | None = None,
+    tuning: dict | None = None, plan_only: bool = False,
 ) -> torch.Tensor | dict:
     """Launch the Triton kernels. The keyword knobs override the chosen config (tests, the sweep);
     `tuning` may hold LAZY, maxnreg and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN. plan_only:
@@ -683,7 +683,8 @@ def kv4_attention_triton(
         mask_strides = (0, 0, 0, 0)
 
     args = [q, k_pairs, k_words, v_pairs, v_words, pos, attn_mask if attn_mask is not None else q, out, None, None,
-            q if rotation is None else rotation, *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
+            q if rotation is None else rotation,
+            *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
             *mask_strides, *out.stride(),
             hkv, hq, tq, length, d2, 0, 1, scale * _LOG2E]
     consts = dict(G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2, HAS_MASK=attn_mask is not None,

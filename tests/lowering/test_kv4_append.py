@@ -146,7 +146,7 @@ def test_rotated_append_triton_matches_reference(b, h, t, extra, d, dtype, sprea
     k, v = k.to(dtype).to(DEVICE), (torch.randn(b, h, t, d, generator=g) * spread).to(dtype).to(DEVICE)
     rot = kv_rotation(d).to(DEVICE)
     pos = torch.randperm(length, generator=g)[:t].to(DEVICE)
-    ref, tri, spec = _caches(b, h, length, d, DEVICE), _caches(b, h, length, d, DEVICE), _caches(b, h, length, d, DEVICE)
+    ref, tri, spec = (_caches(b, h, length, d, DEVICE) for _ in range(3))
     kv4_append(k, v, *ref, pos, kernels="reference", rotation=rot)
     kv4_append(k, v, *tri, pos, kernels="triton", rotation=rot)
     kv4_append(rotate_rows(k, rot), rotate_rows(v, rot), *spec, pos, kernels="reference")
