@@ -68,7 +68,20 @@ VARIANTS: dict[str, dict | None] = {
     # SmoothAttention now reaches K through the static cache (it was skipped in every KV4 graph before).
     "qoq + smooth_attention (W4A8KV4)": {"recipe": "qoq", "smooth_attention": True},
     "qoq + rotate + smooth_attention (W4A8KV4)": {"recipe": "qoq", "rotate": True, "smooth_attention": True},
+    # Session 4: the recipe without block rotation (the recipe of session 3), for the comparison.
+    "qoq - rotate (KV16)": {"recipe": "qoq", "rotate": False, "kv_bits": 16},
+    "qoq - rotate (W4A8KV4)": {"recipe": "qoq", "rotate": False},
+    # GPTQ damping (passes/gptq.GPTQ_DAMP, 0.1 in the recipe): `gptq_damp` is this script's knob, not
+    # a qoq option; it sets the module constant for that row only.
+    "qoq + rotate + GPTQ damp 0.03 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.03},
+    "qoq + rotate + GPTQ damp 0.3 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.3},
+    # The rotation's own noise: another seed of the random orthogonal Q (576 is not a power of two, so
+    # passes/rotate.rotation_matrix draws Q from a seeded Gaussian; the recipe uses seed 0).
+    "qoq + rotate seed 1 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "rotate_seed": 1},
+    "qoq + rotate seed 1 (W4A8KV4)": {"recipe": "qoq", "rotate": True, "rotate_seed": 1},
 }
+# Keys of a VARIANTS entry that this script applies itself instead of handing them to the backend.
+SCRIPT_KNOBS = ("gptq_damp", "rotate_seed")
 CALIBRATION_MODULES = ("argparse", "logging", "subprocess", "unittest.case", "collections", "functools",
                        "textwrap", "pathlib", "json", "inspect")
 
@@ -175,25 +188,35 @@ def perplexity(model, wins: list[torch.Tensor], cache=None) -> float:
     return math.exp(nll / count)
 
 
-# --kv-probe rows: (K 4-bit, V 4-bit, rotate K and q, rotate V, SmoothAttention α or None).
+# --kv-probe rows: (K 4-bit, V 4-bit, rotate K and q, rotate V, SmoothAttention α or None, group):
+# `group` channels of head_dim share one scale and zero (None: the whole head vector, today's format).
 KV_PROBE = {
-    "KV16": (False, False, False, False, None),
-    "KV4": (True, True, False, False, None),
-    "K4 only": (True, False, False, False, None),
-    "V4 only": (False, True, False, False, None),
-    "K4 only, K rotated": (True, False, True, False, None),
-    "V4 only, V rotated": (False, True, False, True, None),
-    "KV4, K rotated": (True, True, True, False, None),
-    "KV4, K and V rotated": (True, True, True, True, None),
-    "KV4, SmoothAttention 0.25": (True, True, False, False, 0.25),
-    "KV4, SmoothAttention 0.5": (True, True, False, False, 0.5),
-    "KV4, SmoothAttention 1.0": (True, True, False, False, 1.0),
-    "KV4, SmoothAttention 0.25, K and V rotated": (True, True, True, True, 0.25),
-    "KV4, SmoothAttention 0.5, K and V rotated": (True, True, True, True, 0.5),
+    "KV16": (False, False, False, False, None, None),
+    "KV4": (True, True, False, False, None, None),
+    "K4 only": (True, False, False, False, None, None),
+    "V4 only": (False, True, False, False, None, None),
+    "K4 only, K rotated": (True, False, True, False, None, None),
+    "V4 only, V rotated": (False, True, False, True, None, None),
+    "KV4, K rotated": (True, True, True, False, None, None),
+    "KV4, K and V rotated": (True, True, True, True, None, None),
+    "KV4, SmoothAttention 0.25": (True, True, False, False, 0.25, None),
+    "KV4, SmoothAttention 0.5": (True, True, False, False, 0.5, None),
+    "KV4, SmoothAttention 1.0": (True, True, False, False, 1.0, None),
+    "KV4, SmoothAttention 0.25, K and V rotated": (True, True, True, True, 0.25, None),
+    "KV4, SmoothAttention 0.5, K and V rotated": (True, True, True, True, 0.5, None),
+    # A finer format (not what the kernels store): one fp16 scale and zero per 32 (or 16) channels.
+    "KV4 g32": (True, True, False, False, None, 32),
+    "K4 only g32": (True, False, False, False, None, 32),
+    "V4 only g32": (False, True, False, False, None, 32),
+    "KV4 g16": (True, True, False, False, None, 16),
+    "K4 only g32, K rotated": (True, False, True, False, None, 32),
+    "KV4 g32, K rotated": (True, True, True, False, None, 32),
+    "KV4 g32, K and V rotated": (True, True, True, True, None, 32),
+    "KV4 g16, K and V rotated": (True, True, True, True, None, 16),
 }
 
 
-def kv_probe(model, evals, calib) -> list[dict]:
+def kv_probe(model, evals, calib, names: list[str]) -> list[dict]:
     """Where KV4 loses, with FP weights: K and V fake-quantized in eager attention with the KV4 reference
     quantizer (per token and KV head over head_dim, asymmetric uint4, fp16 scale and zero), one at a
     time or together, with passes/rotate_kv's H and SmoothAttention's λ (from calibration K) applied
@@ -208,11 +231,15 @@ def kv_probe(model, evals, calib) -> list[dict]:
     state: dict = {"row": KV_PROBE["KV16"], "lam": None, "kmax": None}
     kmax: dict[int, torch.Tensor] = {}
 
-    def q4(x):
-        return kv4_dequantize(*kv4_quantize(x)).to(x.dtype)
+    def q4(x, group):
+        if group is None:
+            return kv4_dequantize(*kv4_quantize(x)).to(x.dtype)
+        # The reference quantizer works over the last dim: split head_dim into groups of `group` channels.
+        xg = x.unflatten(-1, (x.shape[-1] // group, group))
+        return kv4_dequantize(*kv4_quantize(xg)).flatten(-2).to(x.dtype)
 
     def attention(module, query, key, value, attention_mask, **kw):
-        k4, v4, rk, rv, _ = state["row"]
+        k4, v4, rk, rv, _, group = state["row"]
         i = module.layer_idx
         if state["kmax"] is not None:
             m = key.abs().amax(dim=(0, 2))  # [Hkv, D], after RoPE
@@ -226,8 +253,8 @@ def kv_probe(model, evals, calib) -> list[dict]:
             key, query = key @ h, query @ h
         if rv:
             value = value @ h
-        key = q4(key) if k4 else key
-        value = q4(value) if v4 else value
+        key = q4(key, group) if k4 else key
+        value = q4(value, group) if v4 else value
         out, w = sdpa_attention_forward(module, query, key, value, attention_mask, **kw)
         return (out @ h.t() if rv else out), w
 
@@ -241,7 +268,8 @@ def kv_probe(model, evals, calib) -> list[dict]:
                 model(c, use_cache=False)
         state["kmax"] = None
         rows = []
-        for name, row in KV_PROBE.items():
+        for name in names:
+            row = KV_PROBE[name]
             state["row"], alpha = row, row[4]
             state["lam"] = None
             if alpha is not None:  # SmoothAttention's λ: RoPE pairs (i, i + D/2) share the larger max
@@ -268,7 +296,11 @@ def main() -> None:
                     help="fake: W4A8 layers as fake-quant float math (fast on CPU); kernels: the qoq ops")
     ap.add_argument("--json", default=None)
     ap.add_argument("--kv-probe", action="store_true",
-                    help="only the KV4 probe with FP weights (K alone, V alone, rotations, SmoothAttention α)")
+                    help="only the KV4 probe with FP weights (K alone, V alone, rotations, SmoothAttention α, "
+                         "finer groups over head_dim)")
+    ap.add_argument("--probe-rows", default=";".join(KV_PROBE),
+                    help="with --kv-probe, rows separated by ';' (names hold commas) from: " + "; ".join(KV_PROBE)
+                         + " (KV16 always runs first)")
     args = ap.parse_args()
 
     import qcompile
@@ -289,7 +321,11 @@ def main() -> None:
             "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.kv_probe:
-        rows = kv_probe(model, evals, calib)
+        wanted = [r.strip() for r in args.probe_rows.split(";")]
+        unknown = [r for r in wanted if r not in KV_PROBE]
+        if unknown:
+            sys.exit(f"unknown --probe-rows {unknown}; choose from: {'; '.join(KV_PROBE)}")
+        rows = kv_probe(model, evals, calib, ["KV16"] + [r for r in wanted if r != "KV16"])
         fp = rows[0]["ppl"]
         for row in rows:
             row["vs_fp_pct"] = round(100 * (row["ppl"] / fp - 1), 2)
@@ -317,12 +353,26 @@ def main() -> None:
             from qcompile.config import make_config
             from runtime import registry
 
-            kv4 = make_config(opts).kv_bits == 4
+            import passes.gptq
+            import passes.rotate
+
+            knobs = {k: opts[k] for k in SCRIPT_KNOBS if k in opts}
+            opts_qoq = {k: v for k, v in opts.items() if k not in SCRIPT_KNOBS}
+            kv4 = make_config(opts_qoq).kv_bits == 4
             torch._dynamo.reset()
             first = len(registry.GRAPHS)
-            compiled = torch.compile(model, backend="qoq", dynamic=False, options={
-                **opts, "calibration": stats, "kernels": args.kernels, "inductor": False})
-            ppl = perplexity(compiled, evals, static_cache(model, args.length) if kv4 else None)
+            default_damp = passes.gptq.GPTQ_DAMP
+            passes.gptq.GPTQ_DAMP = knobs.get("gptq_damp", default_damp)
+            default_rotation = passes.rotate.rotation_matrix
+            if "rotate_seed" in knobs:
+                passes.rotate.rotation_matrix = lambda n, seed=0: default_rotation(n, knobs["rotate_seed"])
+            try:
+                compiled = torch.compile(model, backend="qoq", dynamic=False, options={
+                    **opts_qoq, "calibration": stats, "kernels": args.kernels, "inductor": False})
+                ppl = perplexity(compiled, evals, static_cache(model, args.length) if kv4 else None)
+            finally:
+                passes.gptq.GPTQ_DAMP = default_damp
+                passes.rotate.rotation_matrix = default_rotation
             ops: dict[str, int] = {}
             for g in registry.GRAPHS[first:]:
                 for k, v in g.qoq_ops.items():
