@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 _ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
+_ARG_INDEX = re.compile(r"\[\d+\](?=\._(?:modules|parameters|buffers)\[|\.__dict__\[)")
 _TOKEN = re.compile(
     r"\.__dict__\[['\"]_(?:modules|parameters|buffers)['\"]\]\[['\"]([^'\"]+)['\"]\]"  # L['self'].__dict__['_modules']['x'] (diffusers)
     r"|\._(?:modules|parameters|buffers)\[['\"]([^'\"]+)['\"]\]"  # L['self']._modules['layers']
@@ -37,7 +38,13 @@ def fqn_from_source(name: str) -> Optional[str]:
     root = _ROOT.match(name)
     if not root:
         return None
-    parts = [next(g for g in m.groups() if g is not None) for m in _TOKEN.finditer(name, root.end())]
+    start = root.end()
+    # `L['args'][0]._modules[...]`: the module came in through *args (transformers >= 5.25 wraps
+    # forward in a decorator taking *args); the tuple index is not part of its name.
+    index = _ARG_INDEX.match(name, start) if root.group(0)[3:-2] == "args" else None
+    if index is not None:
+        start = index.end()
+    parts = [next(g for g in m.groups() if g is not None) for m in _TOKEN.finditer(name, start)]
     return ".".join(parts) if parts else None
 
 
