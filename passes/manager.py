@@ -72,6 +72,12 @@ def finish_graph(qgraph: QGraph, record: GraphRecord) -> None:
     """Check and regenerate the rewritten graph; count its qoq ops for the report."""
     qgraph.gm.graph.lint()
     qgraph.gm.recompile()
+    count_qoq_ops(qgraph, record)
+
+
+def count_qoq_ops(qgraph: QGraph, record: GraphRecord) -> None:
+    """record.qoq_ops: how many calls of each qoq op the graph makes (the report's kernel counts)."""
+    record.qoq_ops.clear()
     for node in qgraph.gm.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("qoq."):
             name = str(node.target).rsplit(".default", 1)[0]

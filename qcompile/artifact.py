@@ -21,7 +21,7 @@ from runtime.registry import GraphRecord, LayerRecord
 
 # Config fields that describe the runtime, not the numbers: an artifact does not fix them.
 RUNTIME_FIELDS = ("kernels", "inductor", "mode", "calibration", "artifact", "release_fp_weights",
-                  "release_fp_cache", "debug_dir", "quiet", "strict")
+                  "release_fp_cache", "fuse_gemms", "debug_dir", "quiet", "strict")
 _FP_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
 _INPUT_OPS = {torch.mul: "mul", torch.index_select: "index_select"}

@@ -134,6 +134,8 @@ def _compile_once(gm: fx.GraphModule, example_inputs: list, config: QoQConfig) -
                 )
             guard.run_passes(stats)
             data = remember_graph(qgraph, consts, record, config)
+        if config.fuse_gemms:  # after the record: artifacts keep per-layer tensors, a replay fuses again
+            guard.fuse_gemms(data.tensors if data is not None else None)
         if config.release_fp_weights:
             release_quantized_weights(qgraph, record, data)
         log.debug("qoq graph %d after passes:\n%s", record.graph_id, qgraph.gm.code)

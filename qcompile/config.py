@@ -43,6 +43,8 @@ class QoQConfig:
     # Free the FP static cache a KV4 rewrite left unread (its memory is the point of KV4); off unless
     # asked for, because transformers' StaticCache.reset() zeroes those tensors and would then fail.
     release_fp_cache: bool = False
+    # One W4A8 GEMM for the layers that read one quantized input (q/k/v, gate/up): fewer, wider launches.
+    fuse_gemms: bool = True
     # The user's side (issue 8): graph dumps per pass, progress bars, and re-raising instead of FP fallback.
     debug_dir: Optional[str] = None  # default: the QOQ_DEBUG_DIR environment variable
     quiet: Optional[bool] = None  # None: bars only on a terminal and without QOQ_QUIET=1
@@ -85,9 +87,11 @@ _ALLOWED: dict[str, tuple] = {
     "inductor": (True, False),
     "release_fp_weights": (True, False),
     "release_fp_cache": (True, False),
+    "fuse_gemms": (True, False),
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
-                "artifact", "skip_layers", "protective_range", "release_fp_weights", "release_fp_cache")
+                "artifact", "skip_layers", "protective_range", "release_fp_weights", "release_fp_cache",
+                "fuse_gemms")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "rotate_kv", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
 _OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")

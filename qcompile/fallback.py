@@ -227,6 +227,26 @@ class FallbackGuard:
             log.debug("qoq graph %d: could not list the other weights", self.record.graph_id, exc_info=exc)
         self.dumper.write("final", self.qgraph.gm)
 
+    def fuse_gemms(self, record_tensors) -> None:
+        """Horizontal GEMM fusion (passes/fuse_gemms.py) over the rewritten graph; FP if it fails."""
+        from passes.fuse_gemms import fuse_gemms
+
+        try:
+            fused = fuse_gemms(self.qgraph, record_tensors)
+        except Exception as exc:
+            if self._raise_anyway(exc):
+                raise
+            self.restore_fp(describe_failure(exc, "fuse_gemms"), exc)
+            return
+        from passes.manager import count_qoq_ops
+
+        count_qoq_ops(self.qgraph, self.record)
+        names = {layer.name: layer for layer in self.record.layers}
+        for group in fused.layers:
+            for name in group:
+                if name in names:
+                    names[name].details["fused_gemm"] = "+".join(group)
+
     def compile(self, example_inputs: list):
         """Inductor (or the FX graph's forward) over the rewritten graph; the FP graph if Inductor fails on it."""
         if not self.config.inductor:
