@@ -15,7 +15,6 @@ import functools
 import json
 import math
 import os
-import re
 import warnings
 
 import torch
@@ -24,6 +23,7 @@ import triton.language as tl
 
 from lowering.dispatch import cdiv, use_triton
 from lowering.kv4_append import check_rotation, kv4_dequantize, rotate_head_dim, round_to_dtype
+from lowering.w4a8_gemm import tuned_config_file
 
 _LOG2E = 1.4426950408889634
 
@@ -499,7 +499,6 @@ def _kv4_attention_merge_kernel(
 # Tuned values per GPU live in lowering/configs/kv4-attention-<gpu>.json (benchmarks/bench_attention.py
 # --sweep --write-config); DEFAULT_CONFIGS hold the H100 winners for GPUs without a table.
 # "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 DEFAULT_CONFIGS = {
     "decode": {"BLOCK_N": 64, "num_warps": 1, "num_stages": 2, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                "MIN_SPLIT_LEN": 512, "SHORT_SPLIT_LEN": 128},
@@ -509,8 +508,8 @@ DEFAULT_CONFIGS = {
 
 
 def config_path(device_name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    return os.path.join(CONFIG_DIR, f"kv4-attention-{slug}.json")
+    """lowering/configs/kv4-attention-{GPU}.json (an H200 reads the H100's)."""
+    return tuned_config_file("kv4-attention-", device_name)
 
 
 @functools.lru_cache(maxsize=None)

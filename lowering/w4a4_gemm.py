@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 
 import torch
 import triton
 import triton.language as tl
 
 from lowering.dispatch import cdiv, interpreter_enabled, use_triton
+from lowering.w4a8_gemm import tuned_config_file
 from lowering.w4a4_activation_quant import (
     GROUP, pack_int4, quantize_groups_int4, unpack_int4, unpack_uint4,
 )
@@ -343,7 +343,6 @@ _w4a4_gemm_tuned = triton.autotune(
 # Tuned tiles as data, one JSON per GPU (written from bench_w4a4.py --sweep results): {"configs":
 # {"N,K": {M bucket: config}}, "default": {M bucket: config}}, K the padded 64·groups. A shape the
 # table lacks is autotuned over GPU_CONFIGS (a first call then compiles every candidate).
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 M_BUCKETS = (16, 64, 256, 1024, 4096)   # a bucket holds the M up to its bound; past the last: "big"
 CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "GROUP_M", "GROUPS", "num_warps", "num_stages")
 # maxnreg: register cap (ptxas), more programs resident on each SM; PREFETCH: scales read a step
@@ -356,13 +355,12 @@ def m_bucket(m: int) -> str:
 
 
 def config_path(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> lowering/configs/w4a4-nvidia-h100-80gb-hbm3.json."""
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    return os.path.join(CONFIG_DIR, f"w4a4-{slug}.json")
+    """'NVIDIA H100 80GB HBM3' -> lowering/configs/w4a4-nvidia-h100-80gb-hbm3.json (H200: the H100's)."""
+    return tuned_config_file("w4a4-", device_name)
 
 
 def load_config_table(path: str) -> dict:
-    """Read and check a tuned-config JSON (see CONFIG_DIR above); {} when the file is absent."""
+    """Read and check a tuned-config JSON (see the comment above); {} when the file is absent."""
     if not os.path.exists(path):
         return {}
     with open(path) as f:

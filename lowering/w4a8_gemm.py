@@ -776,9 +776,26 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+# GPUs on a chip we hold tables for, read with that chip's tables when they have none of their own:
+# the H200 is the H100's GH100 die with the same 132 SMs and more, faster HBM, so the same tiles win
+# the compute-bound shapes, and the memory-bound ones lose little.
+SAME_CHIP = {"nvidia-h200": "nvidia-h100-80gb-hbm3"}
+
+
+def tuned_config_file(prefix: str, device_name: str) -> str:
+    """lowering/configs/{prefix}{slug}.json for this GPU, or its same-chip twin's file when it has none."""
+    slug = device_slug(device_name)
+    path = os.path.join(CONFIG_DIR, f"{prefix}{slug}.json")
+    if not os.path.exists(path):
+        twin = next((t for family, t in SAME_CHIP.items() if slug.startswith(family)), None)
+        if twin is not None:
+            return os.path.join(CONFIG_DIR, f"{prefix}{twin}.json")
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned_table(index: int) -> dict:
-    path = os.path.join(CONFIG_DIR, device_slug(torch.cuda.get_device_name(index)) + ".json")
+    path = tuned_config_file("", torch.cuda.get_device_name(index))
     if not os.path.exists(path):
         return {}
     with open(path) as f:

@@ -197,6 +197,21 @@ def test_tuned_configs_are_read_per_gpu_and_fall_back(tmp_path, monkeypatch):
     assert wg.m_bucket(1) == "1" and wg.m_bucket(17) == "64" and wg.m_bucket(5000) == "big"
 
 
+def test_an_h200_reads_the_h100_tables_when_it_has_none_of_its_own(tmp_path, monkeypatch):
+    import os
+
+    import lowering.w4a8_gemm as wg
+
+    monkeypatch.setattr(wg, "CONFIG_DIR", str(tmp_path))
+    (tmp_path / "kv4-attention-nvidia-h100-80gb-hbm3.json").write_text("{}")
+    assert os.path.basename(wg.tuned_config_file("kv4-attention-", "NVIDIA H200")) == (
+        "kv4-attention-nvidia-h100-80gb-hbm3.json")
+    (tmp_path / "kv4-attention-nvidia-h200.json").write_text("{}")  # its own table wins once it exists
+    assert os.path.basename(wg.tuned_config_file("kv4-attention-", "NVIDIA H200")) == "kv4-attention-nvidia-h200.json"
+    # another chip does not borrow: no table, the heuristics
+    assert os.path.basename(wg.tuned_config_file("", "NVIDIA A100-SXM4-80GB")) == "nvidia-a100-sxm4-80gb.json"
+
+
 def test_shipped_configs_name_known_keys_and_fit_their_buckets():
     # The per-GPU JSON is data the dispatcher trusts: every entry must use the kernel's config keys,
     # and a GEMV entry must hold its bucket's tokens in per-token accumulators or token tiles.
