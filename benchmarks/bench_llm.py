@@ -266,6 +266,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=["bf16", "fp8", "qoq"])
     p.add_argument("--recipe", default="qoq", help="qoq recipe (default qoq: W4A8 g128 + KV4)")
+    p.add_argument("--options", default="{}", help='more qoq options as JSON, e.g. \'{"fuse_gemms": false}\'')
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--budget-gb", type=float, default=40.0)
     p.add_argument("--recompile-per-batch", action="store_true", help="qoq: a fresh Dynamo compile per batch size")
@@ -283,7 +284,7 @@ def main() -> None:
     model = build_model(dims, a.layers, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "layers": a.layers, "prompt": a.prompt, "gen": a.gen,
-            "steps": a.steps, "mode": a.mode, "recipe": a.recipe, "build_s": round(time.perf_counter() - t0, 1)}
+            "steps": a.steps, "mode": a.mode, "recipe": a.recipe, "options": json.loads(a.options), "build_s": round(time.perf_counter() - t0, 1)}
     roofs = {} if device == "cpu" else measured_roofs()
     info.update({k: float(f"{v:.4g}") for k, v in roofs.items()})
     print(info, flush=True)
@@ -324,7 +325,7 @@ def main() -> None:
         elif method == "qoq":
             # release_fp_cache: the bench never resets its caches, so the FP StaticCache the KV4 pass
             # stopped reading can go (what KV4 saves); the weights' FP storage goes too.
-            opts = {"recipe": a.recipe, "release_fp_weights": True, "release_fp_cache": True}
+            opts = {"recipe": a.recipe, "release_fp_weights": True, "release_fp_cache": True, **json.loads(a.options)}
             fwd = compile_fwd("qoq", opts)
             # --recompile-per-batch: Dynamo compiles each batch size afresh (qoq replays the first
             # quantization). Without it a batch-dynamic graph meets each new cache through qoq's
