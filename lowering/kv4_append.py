@@ -72,6 +72,14 @@ def kv4_dequantize(data: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return codes * meta[..., 0:1].float() + meta[..., 1:2].float()
 
 
+# Precision of the dots that apply the KV rotation in the kernels (tl.dot input_precision). "ieee":
+# fp32 FMAs, the float32 reference's rows within rounding. On an H200 "tf32x3" (three tf32 MMAs) made
+# the rotated decode attention 1.3-2x faster but still slower than two torch matmuls around the
+# unrotated kernel, which is what passes/kv_cache does by default (ABSORB_ROTATION). Read at call time
+# (benchmarks/bench_kv_rotation.py compares the values).
+ROTATION_DOT = "ieee"
+
+
 def rotate_head_dim(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """x [..., D] @ rotation [D, D] in float32, back in x's dtype: the same product as
     passes/rotate_kv.rotate_rows, which the kernels reproduce (the spec of a rotated append/attention)."""
@@ -129,10 +137,10 @@ def round_to_dtype(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+                    BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
     """Rows x [BLOCK_T, D] (at xp + dim·sxd) times the rotation [D, D] (contiguous fp32), as the two
-    halves the bytes pack: columns d and D2 + d. Full fp32 products (IEEE dot or an explicit sum): a
-    tf32 dot would drift from the float32 reference product."""
+    halves the bytes pack: columns d and D2 + d. From 16 rows a tensor-core dot of precision ROT_DOT
+    (ROTATION_DOT above), fewer rows an explicit fp32 sum."""
     lo = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)
     hi = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)
     d_ok = d < D2
@@ -145,8 +153,8 @@ def _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T: tl.constexpr, BLOCK_D2: 
         h_lo = tl.load(hp, mask=h_ok, other=0.0)
         h_hi = tl.load(hp + D2, mask=h_ok, other=0.0)
         if BLOCK_T >= 16:  # tl.dot needs 16 rows; decode's few rows take the explicit sum
-            lo = tl.dot(x, h_lo, lo, input_precision="ieee")
-            hi = tl.dot(x, h_hi, hi, input_precision="ieee")
+            lo = tl.dot(x, h_lo, lo, input_precision=ROT_DOT)
+            hi = tl.dot(x, h_hi, hi, input_precision=ROT_DOT)
         else:
             lo += tl.sum(x[:, :, None] * h_lo[None, :, :], 1)
             hi += tl.sum(x[:, :, None] * h_hi[None, :, :], 1)
@@ -162,6 +170,7 @@ def _kv4_quantize_store_kernel(
     Hkv, T, L, D2,
     BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
     ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,  # ROT: the [D, D] fp32 rotation applied first (or unused)
+    ROT_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
@@ -173,7 +182,7 @@ def _kv4_quantize_store_kernel(
 
     xp = X + b * sxb + h * sxh + t[:, None] * sxt
     if ROTATE:
-        lo, hi = _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T, BLOCK_D2, BLOCK_R)
+        lo, hi = _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T, BLOCK_D2, BLOCK_R, ROT_DOT)
         # back to x's dtype before quantizing, as the reference's rotated rows are
         lo = round_to_dtype(lo, X.dtype.element_ty)
         hi = round_to_dtype(hi, X.dtype.element_ty)
@@ -223,7 +232,7 @@ def _quantize_store_triton(x: torch.Tensor, data: torch.Tensor, meta: torch.Tens
         x, data, meta, pos, x if rotation is None else rotation,
         *x.stride(), *data.stride(), *meta.stride(),
         h, t, data.shape[2], d2,
-        BLOCK_T=block_t, BLOCK_D2=block_d2, ROTATE=rotation is not None, BLOCK_R=16,
+        BLOCK_T=block_t, BLOCK_D2=block_d2, ROTATE=rotation is not None, BLOCK_R=16, ROT_DOT=ROTATION_DOT,
     )
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from lowering.dispatch import cdiv, use_triton
+from lowering import kv4_append
 from lowering.kv4_append import check_rotation, kv4_dequantize, rotate_head_dim, round_to_dtype
 from lowering.w4a8_gemm import tuned_config_file
 
@@ -292,10 +293,10 @@ def _attend_tile(
 
 @triton.jit
 def _rotated_query(qrow, sqd, row_ok, ROT, D2, e, e_ok, BLOCK_M: tl.constexpr, BLOCK_D4: tl.constexpr,
-                   BLOCK_R: tl.constexpr):
+                   BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
     """q·H for the program's rows (q at qrow + dim·sqd, H contiguous fp32 [D, D]), in the four column
-    sets the byte pairs unpack to: 2e, 2e+1, D2+2e, D2+2e+1. IEEE fp32 dots: tf32 would drift from the
-    reference's float32 product."""
+    sets the byte pairs unpack to: 2e, 2e+1, D2+2e, D2+2e+1. Dots of precision ROT_DOT
+    (kv4_append.ROTATION_DOT)."""
     a0 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
     a1 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
     a2 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
@@ -306,16 +307,16 @@ def _rotated_query(qrow, sqd, row_ok, ROT, D2, e, e_ok, BLOCK_M: tl.constexpr, B
         x = tl.load(qrow + r[None, :] * sqd, mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         hp = ROT + r[:, None] * (2 * D2) + 2 * e[None, :]
         h_ok = r_ok[:, None] & e_ok[None, :]
-        a0 = tl.dot(x, tl.load(hp, mask=h_ok, other=0.0), a0, input_precision="ieee")
-        a1 = tl.dot(x, tl.load(hp + 1, mask=h_ok, other=0.0), a1, input_precision="ieee")
-        a2 = tl.dot(x, tl.load(hp + D2, mask=h_ok, other=0.0), a2, input_precision="ieee")
-        a3 = tl.dot(x, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), a3, input_precision="ieee")
+        a0 = tl.dot(x, tl.load(hp, mask=h_ok, other=0.0), a0, input_precision=ROT_DOT)
+        a1 = tl.dot(x, tl.load(hp + 1, mask=h_ok, other=0.0), a1, input_precision=ROT_DOT)
+        a2 = tl.dot(x, tl.load(hp + D2, mask=h_ok, other=0.0), a2, input_precision=ROT_DOT)
+        a3 = tl.dot(x, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), a3, input_precision=ROT_DOT)
     return a0, a1, a2, a3
 
 
 @triton.jit
 def _store_unrotated(orow, sod, row_ok, o0, o1, o2, o3, ROT, D2, e, e_ok, OUT_DTYPE: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
     """Store out·Hᵀ, out given in the four column sets of _rotated_query: output column j is
     Σ_e o0[:, e]·H[j, 2e] + o1[:, e]·H[j, 2e+1] + o2[:, e]·H[j, D2+2e] + o3[:, e]·H[j, D2+2e+1].
     Padded columns (e beyond D2/2) meet zero H entries."""
@@ -324,10 +325,10 @@ def _store_unrotated(orow, sod, row_ok, o0, o1, o2, o3, ROT, D2, e, e_ok, OUT_DT
         j_ok = j < 2 * D2
         hp = ROT + j[None, :] * (2 * D2) + 2 * e[:, None]
         h_ok = e_ok[:, None] & j_ok[None, :]
-        y = tl.dot(o0, tl.load(hp, mask=h_ok, other=0.0), input_precision="ieee")
-        y = tl.dot(o1, tl.load(hp + 1, mask=h_ok, other=0.0), y, input_precision="ieee")
-        y = tl.dot(o2, tl.load(hp + D2, mask=h_ok, other=0.0), y, input_precision="ieee")
-        y = tl.dot(o3, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), y, input_precision="ieee")
+        y = tl.dot(o0, tl.load(hp, mask=h_ok, other=0.0), input_precision=ROT_DOT)
+        y = tl.dot(o1, tl.load(hp + 1, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
+        y = tl.dot(o2, tl.load(hp + D2, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
+        y = tl.dot(o3, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
         tl.store(orow + j[None, :] * sod, y.to(OUT_DTYPE), mask=row_ok[:, None] & j_ok[None, :])
 
 
@@ -349,6 +350,7 @@ def _kv4_attention_kernel(
     PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CODE: tl.constexpr,
     BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
     LAZY: tl.constexpr, FTZ_EXP: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,
+    ROT_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -372,7 +374,7 @@ def _kv4_attention_kernel(
     if ROTATE:
         # q·H once per program, rounded to q's dtype as the reference's rotated query is
         q0, q1, q2, q3 = _rotated_query(Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt, sqd, row_ok, ROT,
-                                        D2, e, e_ok, BLOCK_M, BLOCK_D4, BLOCK_R)
+                                        D2, e, e_ok, BLOCK_M, BLOCK_D4, BLOCK_R, ROT_DOT)
         q0 = round_to_dtype(q0, Q.dtype.element_ty).to(Q.dtype.element_ty)
         q1 = round_to_dtype(q1, Q.dtype.element_ty).to(Q.dtype.element_ty)
         q2 = round_to_dtype(q2, Q.dtype.element_ty).to(Q.dtype.element_ty)
@@ -440,7 +442,7 @@ def _kv4_attention_kernel(
         inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         _store_unrotated(O + b * sob + qh[:, None] * soh + t[:, None] * sot, sod, row_ok,
                          (acc0 + c_i[:, None]) * inv, (acc1 + c_i[:, None]) * inv, (acc2 + c_i[:, None]) * inv,
-                         (acc3 + c_i[:, None]) * inv, ROT, D2, e, e_ok, O.dtype.element_ty, BLOCK_R)
+                         (acc3 + c_i[:, None]) * inv, ROT, D2, e, e_ok, O.dtype.element_ty, BLOCK_R, ROT_DOT)
     else:
         inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         op = O + b * sob + qh[:, None] * soh + t[:, None] * sot + (2 * e[None, :]) * sod
@@ -690,7 +692,7 @@ def kv4_attention_triton(
                   MASK_BOOL=mask_bool, CODE=code, BIAS=_CODE_BIAS[code],
                   DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
                   USE_ASM=use_asm, EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda,
-                  ROTATE=rotation is not None, BLOCK_R=16,
+                  ROTATE=rotation is not None, BLOCK_R=16, ROT_DOT=kv4_append.ROTATION_DOT,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         consts["maxnreg"] = cfg["maxnreg"]

@@ -10,9 +10,9 @@ the read is SDPA with the cache as key/value, directly (`enable_gqa` or no GQA),
 (`cache[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hq, L, D)`) or `repeat_interleave(G, dim=1)`.
 
 After passes/rotate_kv, the written K and V, the query and SDPA's output pass through rotate_rows /
-unrotate_rows with one H: the rewrite absorbs those four matmuls into the ops' `rotation` argument, so
-the KV4 kernels apply H on the fly and no matmul is left around the attention. A graph this pass skips
-keeps rotate_kv's matmuls, which compute the same function in float.
+unrotate_rows with one H. The rewrite keeps those matmuls in the graph by default; with
+ABSORB_ROTATION it moves them into the ops' `rotation` argument, so the KV4 kernels apply H on the
+fly and no matmul is left around the attention. Either way the same function in float.
 """
 from __future__ import annotations
 
@@ -162,6 +162,15 @@ def _rotation_of(node: Any, fn: Any, h: Optional[fx.Node] = None) -> Optional[tu
     return None
 
 
+# Off: measured slower. On an H200 (benchmarks/bench_kv_rotation.py, Llama-3-8B decode shapes at
+# position 1027, CUDA graphs) the attention with H in the kernel took 45/119/172/535 us at batch
+# 1/16/64/256 against 34/36/59/143 us for the kernel without H between two torch matmuls (11/17/36/105
+# us without any rotation); the append's in-kernel rotation added 8-45 us. Each one-warp decode program
+# rotates its own query block with FMA dots, and every split repeats it; tf32x3 dots cut that only
+# to 35/71/109/270 us. The matmuls are batched over all heads and run on the tensor cores.
+ABSORB_ROTATION = False
+
+
 def _absorbable_rotation(sdpa: fx.Node, q: Any, k_write: CacheWrite, v_write: CacheWrite) -> Optional[AbsorbedRotation]:
     """rotate_kv's four matmuls around this attention, all with one H, each read only where it was put
     (the write, SDPA, SDPA's single reader), or None: then any matmuls present stay in the graph."""
@@ -306,7 +315,7 @@ def kv_cache(
 
         # -- rewrite ------------------------------------------------------------------------------
         bufs = kv4_buffers_for(fp_k, fp_v)  # made now, outside any CUDA-graph capture
-        rot = _absorbable_rotation(node, parts["q"], kw, vw)
+        rot = _absorbable_rotation(node, parts["q"], kw, vw) if ABSORB_ROTATION else None
         k_src, v_src, q_src = (kw.src, vw.src, parts["q"]) if rot is None else (rot.k, rot.v, rot.q)
         later = kw.node if order[kw.node] > order[vw.node] else vw.node
         pos = _positions(graph, kw.pos, fp_k.device, before=later)

@@ -135,7 +135,7 @@ def _within_one_step(ref: list[torch.Tensor], tri: list[torch.Tensor], x_rot: to
     outlier=st.floats(1.0, 30.0), seed=st.integers(0, 2**16),
 )
 def test_rotated_append_triton_matches_reference(b, h, t, extra, d, dtype, spread, outlier, seed):
-    """k·H and v·H quantized in the kernel (decode's explicit sum below 16 rows, the IEEE dot from 16)
+    """k·H and v·H quantized in the kernel (decode's explicit sum below 16 rows, the ROTATION_DOT tensor-core dot from 16)
     are the reference's rows, which are passes/rotate_kv.rotate_rows of k and v, bit for bit."""
     from passes.rotate_kv import kv_rotation, rotate_rows
 

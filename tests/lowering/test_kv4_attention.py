@@ -180,7 +180,7 @@ def test_rotated_op_dispatch_strided_q_and_errors():
 @pytest.mark.parametrize("warps,block_n,stages", [(1, 64, 2), (4, 64, 2), (4, 128, 3)])
 @pytest.mark.parametrize("b,length,group,tq", [(1, 4096, 4, 1), (3, 777, 8, 1), (2, 300, 4, 5)])
 def test_gpu_rotated_configs_match_reference(dtype, warps, block_n, stages, b, length, group, tq):
-    """Hopper: the IEEE fp32 rotation dots beside the 16-bit MMAs, in the decode (one warp, inline-PTX
+    """Hopper: the rotation dots (ROTATION_DOT) beside the 16-bit MMAs, in the decode (one warp, inline-PTX
     unpack) and prefill config families, split and not."""
     from passes.rotate_kv import kv_rotation
 

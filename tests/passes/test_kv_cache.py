@@ -340,8 +340,8 @@ def test_a_graph_left_in_fp_after_the_pass_keeps_its_fp_cache(monkeypatch):
 
 
 class _RotateKVBackend:
-    """rotate_kv, then the KV-cache pass; absorb=False keeps rotate_kv's matmuls in the graph around
-    ops without a rotation: the formulation before the kernels took H over."""
+    """rotate_kv, then the KV-cache pass; absorb=False (the default, ABSORB_ROTATION off) keeps
+    rotate_kv's matmuls in the graph around ops without a rotation, absorb=True moves H into the ops."""
 
     def __init__(self, kernels: str = "reference", absorb: bool = True):
         self.kernels, self.absorb, self.results, self.graphs = kernels, absorb, [], []
@@ -351,11 +351,8 @@ class _RotateKVBackend:
 
         qgraph = capture(gm, example_inputs)
         rotate_kv(qgraph)
-        if self.absorb:
+        with patch("passes.kv_cache.ABSORB_ROTATION", self.absorb):
             self.results.append(kv_cache(qgraph, kernels=self.kernels))
-        else:
-            with patch("passes.kv_cache._absorbable_rotation", lambda *a: None):
-                self.results.append(kv_cache(qgraph, kernels=self.kernels))
         self.graphs.append(qgraph.gm)
         return qgraph.gm.forward
 
