@@ -28,10 +28,11 @@ def _run(model, options):
 
 
 @pytest.mark.parametrize("kind,recipe", [("llama", "w4a8-g128"), ("qwen2", "w4a8-g128"), ("llama", "qoq"),
-                                         ("qwen2", "qoq-chn")])
+                                         ("qwen2", "qoq-chn"), ("qwen2", "w4a8-svd")])
 def test_fused_gemms_give_the_unfused_outputs_bit_for_bit(kind, recipe):
     """q/k/v and gate/up become one GEMM each (qwen2: biases added after the slices; qoq: the
-    reorder gathers and smoothing scales before each quantization are equal, so they merge too)."""
+    reorder gathers and smoothing scales before each quantization are equal, so they merge too;
+    w4a8-svd: each layer's low-rank branch reads the FP input and is added to its own slice)."""
     _, want = _run(make_model(kind), {"recipe": recipe, "fuse_gemms": False})
     compiled, got = _run(make_model(kind), {"recipe": recipe})
     assert torch.equal(got, want)
