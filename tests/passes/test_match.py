@@ -63,3 +63,8 @@ def test_fqn_is_parsed_from_sources():
     assert fqn_from_source("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']") == "model.layers.0.weight"
     assert fqn_from_source("L['fn']._modules['2']._buffers['scale']") == "2.scale"
     assert fqn_from_source("L['args'][0]") is None
+    # transformers >= 5.25 wraps forward in a decorator taking *args: the module is L['args'][0]
+    assert fqn_from_source("L['args'][0]._modules['model']._modules['layers']._modules['0']._parameters['weight']") == (
+        "model.layers.0.weight")
+    # an index is stripped only off the *args tuple: a module list's child keeps its index
+    assert fqn_from_source("L['self']._modules['layers'][1]._parameters['weight']") == "layers.1.weight"
