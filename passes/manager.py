@@ -61,7 +61,7 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
             from passes.rotate_kv import rotate_kv
 
             with pass_stage("rotate_kv", qgraph.gm):
-                rotate_kv(qgraph)
+                rotate_kv(qgraph, values=config.rotate_kv_values)
 
         with pass_stage("kv_cache", qgraph.gm):
             record.layers.extend(kv_cache(qgraph, kernels=config.kernels, release_fp_cache=config.release_fp_cache).records)

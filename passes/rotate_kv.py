@@ -125,8 +125,9 @@ def _plan(node: fx.Node, weights: set[str]) -> tuple[Optional[tuple], str]:
     return (kc, vc, kw, vw, int(d)), ""
 
 
-def rotate_kv(qgraph: QGraph) -> RotateKVResult:
-    """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph."""
+def rotate_kv(qgraph: QGraph, values: bool = True) -> RotateKVResult:
+    """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph; with
+    values=False q and K only (V's cache and the attention output stay as they are)."""
     graph = qgraph.gm.graph
     weights = set(qgraph.weights)
     result = RotateKVResult()
@@ -155,7 +156,7 @@ def rotate_kv(qgraph: QGraph) -> RotateKVResult:
             # "kv4." stems are runtime state to an artifact: its replay re-runs this pass and makes H again.
             consts[d] = qgraph.add_constant(f"kv4.rotate_kv.h{d}", h, before=first)
         hn = consts[d]
-        for cache, writes in ((kc, kw), (vc, vw)):
+        for cache, writes in ((kc, kw), (vc, vw)) if values else ((kc, kw),):
             if cache in done:
                 continue
             done.add(cache)
@@ -169,11 +170,12 @@ def rotate_kv(qgraph: QGraph) -> RotateKVResult:
             qrot = graph.call_function(rotate_rows, (q, hn))
         qrot.meta["example_value"] = _val(q)
         node.replace_input_with(q, qrot)
-        with graph.inserting_after(node):
-            back = graph.call_function(unrotate_rows, (node, hn))
-        back.meta.update({key: val for key, val in node.meta.items() if key in ("example_value", "val")})
-        # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
-        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        if values:
+            with graph.inserting_after(node):
+                back = graph.call_function(unrotate_rows, (node, hn))
+            back.meta.update({key: val for key, val in node.meta.items() if key in ("example_value", "val")})
+            # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
+            node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         result.rotated.append(node.name)
     if result.rotated:
         graph.lint()

@@ -375,7 +375,7 @@ def replay(qgraph: QGraph, data: ArtifactData, config: QoQConfig, record: GraphR
         if config.rotate_kv:  # an online graph rewrite, not a recorded tensor: made again as the first graph did
             from passes.rotate_kv import rotate_kv
 
-            rotate_kv(qgraph)
+            rotate_kv(qgraph, values=config.rotate_kv_values)
         record.layers.extend(kv_cache(qgraph, config.kernels, config.release_fp_cache).records)
     qgraph.materialize_overrides()
     from passes.manager import finish_graph

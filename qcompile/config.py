@@ -35,6 +35,8 @@ class QoQConfig:
     reorder: bool = False  # activation-aware input-channel reordering (group quantization only)
     rotate: bool = False  # Hadamard rotation of the block inputs
     rotate_kv: bool = False  # online Hadamard rotation of q/K and V around the KV4 cache (kv_bits=4 only)
+    # with rotate_kv, V too (and the attention output back): two of its four [D, D] matmuls a layer
+    rotate_kv_values: bool = True
     gptq: bool = False  # GPTQ weight rounding (Hessian from calibration rows)
     clip_search: bool = False  # per-output-channel clipping ratio search
     artifact: Optional[str] = None  # folder written by qcompile.save: compile from it, no calibration
@@ -88,12 +90,13 @@ _ALLOWED: dict[str, tuple] = {
     "release_fp_weights": (True, False),
     "release_fp_cache": (True, False),
     "fuse_gemms": (True, False),
+    "rotate_kv_values": (True, False),
 }
 _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernels", "inductor", "mode",
                 "artifact", "skip_layers", "protective_range", "release_fp_weights", "release_fp_cache",
                 "fuse_gemms")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "rotate_kv", "gptq", "clip_search")
-_OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha")
+_OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha", "rotate_kv_values")
 _OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
 
 
@@ -154,6 +157,10 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
     return QoQConfig(**fields)
 
 
+# Fields added after artifact version 3, with the behaviour of the qoq that wrote an artifact without them.
+_SINCE_ARTIFACT_V3 = {"rotate_kv_values": True}
+
+
 def _from_artifact(fields: dict, options: dict) -> dict:
     """The artifact fixes every field that decides the numbers; options may set only the runtime ones."""
     from qcompile.artifact import RUNTIME_FIELDS
@@ -172,6 +179,8 @@ def _from_artifact(fields: dict, options: dict) -> dict:
             if f.name in fields:
                 out[f.name] = fields[f.name]
             continue
+        if f.name not in saved and f.name in _SINCE_ARTIFACT_V3:
+            saved = {**saved, f.name: _SINCE_ARTIFACT_V3[f.name]}  # what the artifact's qoq did
         if f.name not in saved:
             raise QoQConfigError(f"artifact {path!r}: its config lacks {f.name!r}; save it again with this qoq")
         value = tuple(saved[f.name]) if isinstance(saved[f.name], list) else saved[f.name]

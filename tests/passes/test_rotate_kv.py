@@ -21,12 +21,13 @@ L = 24
 class _Backend:
     """Runs rotate_kv (then, if asked, the kv_cache pass) on every graph and keeps the results."""
 
-    def __init__(self, then_kv4: bool = False):
-        self.then_kv4, self.results, self.kv = then_kv4, [], []
+    def __init__(self, then_kv4: bool = False, values: bool = True):
+        self.then_kv4, self.values, self.results, self.kv, self.graphs = then_kv4, values, [], [], []
 
     def __call__(self, gm, example_inputs):
         qg = capture(gm, example_inputs)
-        self.results.append(rotate_kv(qg))
+        self.results.append(rotate_kv(qg, values=self.values))
+        self.graphs.append(qg.gm)
         if self.then_kv4:
             self.kv.append(kv_cache(qg, kernels="reference"))
         return qg.gm.forward
@@ -55,19 +56,27 @@ def _run(model, backend, prompt: int = 6, steps: int = 2, seed: int = 0):
     return errs
 
 
-@settings(max_examples=5, deadline=None)
-@given(kind=st.sampled_from(["llama", "qwen2"]), seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 2, 4]))
-def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads):
+@settings(max_examples=6, deadline=None)
+@given(kind=st.sampled_from(["llama", "qwen2"]), seed=st.integers(0, 2**16), kv_heads=st.sampled_from([1, 2, 4]),
+       values=st.booleans())
+def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads, values):
+    """values=False rotates q and K only: two matmuls an attention instead of four."""
+    from passes.rotate_kv import rotate_rows, unrotate_rows
+
     model = make_model(kind, seed=seed, kv_heads=kv_heads)
-    backend = _Backend()
+    backend = _Backend(values=values)
     errs = _run(model, backend, seed=seed)
     assert max(errs) < 1e-5, errs
     assert backend.results and all(len(r.rotated) == 2 and not r.skipped for r in backend.results), backend.results
+    for gm in backend.graphs:  # 2 attentions: q, K (and V and the output back)
+        fns = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
+        assert fns.count(rotate_rows) == (6 if values else 4) and fns.count(unrotate_rows) == (2 if values else 0)
 
 
-def test_kv_cache_pass_still_rewrites_the_rotated_graph():
+@pytest.mark.parametrize("values", [True, False])
+def test_kv_cache_pass_still_rewrites_the_rotated_graph(values):
     model = make_model("llama", seed=3, kv_heads=2)
-    backend = _Backend(then_kv4=True)
+    backend = _Backend(then_kv4=True, values=values)
     errs = _run(model, backend)
     assert all(r.rewritten == 2 for r in backend.kv), [r.records for r in backend.kv]
     # rotate_kv's matmuls stay around the KV4 ops (ABSORB_ROTATION off; tests/passes/test_kv_cache.py

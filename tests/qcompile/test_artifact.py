@@ -158,6 +158,18 @@ def test_options_that_disagree_with_the_artifact_are_refused(tmp_path):
         make_config({"artifact": str(tmp_path / "a"), "calibration": object()})
 
 
+def test_an_artifact_from_before_rotate_kv_values_replays_as_its_qoq_did(tmp_path):
+    """Artifacts written before the option existed rotated V too: read without it, they still do."""
+    from qcompile.config import make_config
+
+    _compile_and_save(_tiny_llama(), tmp_path / "a", {"recipe": "qoq", "rotate_kv_values": False, "inductor": False})
+    assert make_config({"artifact": str(tmp_path / "a")}).rotate_kv_values is False
+    header = json.loads((tmp_path / "a" / JSON_NAME).read_text())
+    del header["config"]["rotate_kv_values"]
+    (tmp_path / "a" / JSON_NAME).write_text(json.dumps(header))
+    assert make_config({"artifact": str(tmp_path / "a")}).rotate_kv_values is True
+
+
 def test_save_before_any_compile_is_a_clear_error(tmp_path):
     with pytest.raises(qcompile.ArtifactError, match=r"run the compiled model once"):
         qcompile.save(nn.Linear(4, 4), str(tmp_path / "x"))
