@@ -74,6 +74,7 @@ VARIANTS: dict[str, dict | None] = {
     # GPTQ damping (passes/gptq.GPTQ_DAMP, 0.1 in the recipe): `gptq_damp` is this script's knob, not
     # a qoq option; it sets the module constant for that row only.
     "qoq - V rotation (W4A8KV4)": {"recipe": "qoq", "rotate_kv_values": False},
+    "qoq + V rotation (W4A8KV4)": {"recipe": "qoq", "rotate_kv_values": True},
     "qoq + rotate + GPTQ damp 0.03 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.03},
     "qoq + rotate + GPTQ damp 0.3 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.3},
     # The rotation's own noise: another seed of the random orthogonal Q (576 is not a power of two, so
