@@ -139,7 +139,7 @@ def round_to_dtype(x, DTYPE: tl.constexpr):
 def _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
                     BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
     """Rows x [BLOCK_T, D] (at xp + dim·sxd) times the rotation [D, D] (contiguous fp32), as the two
-    halves the bytes pack: columns d and D2 + d. From 16 rows a tensor-core dot of precision ROT_DOT
+    halves the bytes pack: columns d and D2 + d. From 16 rows a tl.dot of precision ROT_DOT
     (ROTATION_DOT above), fewer rows an explicit fp32 sum."""
     lo = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)
     hi = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)

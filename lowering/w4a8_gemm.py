@@ -777,8 +777,8 @@ def device_slug(name: str) -> str:
 
 
 # GPUs on a chip we hold tables for, read with that chip's tables when they have none of their own:
-# the H200 is the H100's GH100 die with the same 132 SMs and more, faster HBM, so the same tiles win
-# the compute-bound shapes, and the memory-bound ones lose little.
+# the H200 is the H100's GH100 die with the same 132 SMs and more, faster HBM, so we expect the same
+# tiles to be good there (not swept on an H200: the tables' gains over the heuristics are not measured there).
 SAME_CHIP = {"nvidia-h200": "nvidia-h100-80gb-hbm3"}
 
 

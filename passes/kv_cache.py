@@ -165,9 +165,9 @@ def _rotation_of(node: Any, fn: Any, h: Optional[fx.Node] = None) -> Optional[tu
 # Off: measured slower. On an H200 (benchmarks/bench_kv_rotation.py, Llama-3-8B decode shapes at
 # position 1027, CUDA graphs) the attention with H in the kernel took 45/119/172/535 us at batch
 # 1/16/64/256 against 34/36/59/143 us for the kernel without H between two torch matmuls (11/17/36/105
-# us without any rotation); the append's in-kernel rotation added 8-45 us. Each one-warp decode program
-# rotates its own query block with FMA dots, and every split repeats it; tf32x3 dots cut that only
-# to 35/71/109/270 us. The matmuls are batched over all heads and run on the tensor cores.
+# us without any rotation); the append's in-kernel rotation added 8-45 us. Likely cause (no profile
+# taken): each one-warp decode program rotates its own query block with FMA dots, and every split
+# repeats it; tf32x3 dots cut that only to 35/71/109/270 us. The matmuls batch all heads at once.
 ABSORB_ROTATION = False
 
 

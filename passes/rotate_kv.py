@@ -4,7 +4,7 @@ random signs for powers of two) applied online to what attention reads from a st
 - K and q after RoPE: attention only sees q·kᵀ, and (q H)(k H)ᵀ = q kᵀ, so the key written into the
   cache becomes k H and the query q H. RoPE's pair rotations do not commute with H, which is why this
   cannot be folded into q_proj / k_proj rows and is applied online instead.
-- V: the value written into the cache becomes v H, and attention's output is multiplied by Hᵀ
+- V (values=True): the value written into the cache becomes v H, and attention's output is multiplied by Hᵀ
   (softmax · (v H) · Hᵀ = softmax · v).
 
 Why: the KV4 format quantizes each (token, head) vector over head_dim with one asymmetric uint4 grid,
@@ -14,11 +14,10 @@ function is kept (up to float rounding); only the 4-bit cache benefits, so the m
 only when kv_bits == 4, just before the kv_cache pass, which then finds the same write / SDPA pattern
 with the rotated tensors as the written source and the query.
 
-Run-time cost: this pass puts four float32 matmuls per attention into the graph (rotate_rows of the
-written K and V and of q, unrotate_rows of the output). Where the kv_cache pass rewrites the attention,
-it absorbs all four into the KV4 ops' `rotation` argument and the Triton kernels apply H on the fly,
-so no matmul or launch of its own is left; an attention that pass skips keeps the matmuls, which
-compute the same function in float.
+Run-time cost: two float32 [D, D] matmuls per attention (rotate_rows of the written K and of q), four
+with values=True (rotate_rows of the written V, unrotate_rows of the output). V carries little of the
+KV4 loss, so the config's rotate_kv_values is off by default (ACCURACY.md). The kv_cache pass can
+absorb the four into the KV4 kernels (its ABSORB_ROTATION), measured slower on an H200 and off.
 
 Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
 pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both

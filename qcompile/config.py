@@ -34,7 +34,7 @@ class QoQConfig:
     smooth_attention_alpha: float = 0.5
     reorder: bool = False  # activation-aware input-channel reordering (group quantization only)
     rotate: bool = False  # Hadamard rotation of the block inputs
-    rotate_kv: bool = False  # online Hadamard rotation of q/K and V around the KV4 cache (kv_bits=4 only)
+    rotate_kv: bool = False  # online Hadamard rotation of q and K (V too: below) around the KV4 cache (kv_bits=4 only)
     # With rotate_kv, V too (and the attention output back): two of its four [D, D] matmuls a layer.
     # Off: the W4A8KV4 perplexity of SmolLM2 did not get worse without it (+33.8% vs +35.6% with
     # 8 calibration windows, +32.4% vs +32.1% with 16; K carries the KV4 loss, ACCURACY.md).
