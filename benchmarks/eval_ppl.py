@@ -71,10 +71,14 @@ VARIANTS: dict[str, dict | None] = {
     # Session 4: the recipe without block rotation (the recipe of session 3), for the comparison.
     "qoq - rotate (KV16)": {"recipe": "qoq", "rotate": False, "kv_bits": 16},
     "qoq - rotate (W4A8KV4)": {"recipe": "qoq", "rotate": False},
-    # GPTQ damping (passes/gptq.GPTQ_DAMP, 0.1 in the recipe): `gptq_damp` is this script's knob, not
-    # a qoq option; it sets the module constant for that row only.
     "qoq - V rotation (W4A8KV4)": {"recipe": "qoq", "rotate_kv_values": False},
     "qoq + V rotation (W4A8KV4)": {"recipe": "qoq", "rotate_kv_values": True},
+    # GPTQ damping (passes/gptq.GPTQ_DAMP, 0.1 in the recipe): `gptq_damp` is this script's knob, not
+    # a qoq option; it sets the module constant for that row only.
+    "qoq + GPTQ damp 0.03 (KV16)": {"recipe": "qoq", "kv_bits": 16, "gptq_damp": 0.03},
+    "qoq + GPTQ damp 0.3 (KV16)": {"recipe": "qoq", "kv_bits": 16, "gptq_damp": 0.3},
+    "qoq + GPTQ damp 1.0 (KV16)": {"recipe": "qoq", "kv_bits": 16, "gptq_damp": 1.0},
+    "qoq + GPTQ damp 0.3 (W4A8KV4)": {"recipe": "qoq", "gptq_damp": 0.3},
     "qoq + rotate + GPTQ damp 0.03 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.03},
     "qoq + rotate + GPTQ damp 0.3 (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16, "gptq_damp": 0.3},
     # The rotation's own noise: another seed of the random orthogonal Q (576 is not a power of two, so
