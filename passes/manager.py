@@ -120,7 +120,28 @@ def _run_w4a8(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record
                 y = lower_layer_or_fp(qgraph, d, config, record.layers[-1], lower_w4a8_linear)  # one bad layer stays FP
                 if y is not None:
                     lowered[d.match.node] = y
+        record.layers += _weight_copy_records(qgraph, {d.match.fqn for d in decisions})
         qgraph.materialize_overrides()
+
+
+def _weight_copy_records(qgraph: QGraph, seen: set[str]) -> list[LayerRecord]:
+    """FP linears that read a pass's own copy of a shared weight (rotate's tied lm_head): find_linears
+    matches parameters only, so without these the report would not list them at all."""
+    from qcompile.artifact import WEIGHT_COPY_META
+
+    out = []
+    for node in qgraph.gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
+            continue
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        fqn = w.meta.get(WEIGHT_COPY_META) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+        if fqn and fqn not in seen:
+            seen.add(fqn)
+            out.append(LayerRecord(
+                name=fqn, kind="linear", shape=tuple(getattr(qgraph.gm, w.target).shape), quantized=False,
+                reason="reads its own FP copy of a weight shared with an embedding (rotate gave the tied "
+                       "output projection a rotated copy); only parameters are quantized"))
+    return out
 
 
 def _layer_record(qgraph: QGraph, d: LayerDecision, config: QoQConfig, stats: CalibrationStats) -> LayerRecord:

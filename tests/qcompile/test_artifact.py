@@ -230,3 +230,8 @@ def test_rotated_model_round_trips_tied_or_not(tmp_path, monkeypatch, tie):
     with torch.no_grad():
         assert torch.equal(compiled(_ids()).logits, want)
         assert compiled(_ids(1, 1)).logits.shape == (1, 1, 256)  # a decode-shaped graph replays it too
+    # the report names the FP lm_head in every graph, tied (reading the pass's copy) or not
+    rep = qcompile.report(compiled)
+    fp = [layer for layer in rep.layers if layer.name == lm_head and not layer.quantized]
+    assert len(fp) == len(rep.graphs) == 2
+    assert all(("own FP copy" in layer.reason) == tie for layer in fp), [layer.reason for layer in fp]
