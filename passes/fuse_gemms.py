@@ -25,12 +25,11 @@ import torch
 import torch.fx as fx
 
 import lowering  # noqa: F401  (registers torch.ops.qoq.*)
+from qcompile.artifact import GEMM_ROLES, INPUT_OPS
 from qcompile.capture import QGraph
 
 _GEMM = torch.ops.qoq.w4a8_gemm.default
 _QUANT = torch.ops.qoq.quantize_act_int8.default
-_INPUT_OPS = (torch.mul, torch.index_select)  # per-channel ops the passes put before a layer's quantization
-_ROLES = ("qweight", "wscale", "gscale", "gzero")  # w4a8_gemm arguments 3..6, all [N, ...]
 
 
 @dataclass
@@ -47,7 +46,8 @@ def _const(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
 
 def _gemm_parts(gm: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     """The parts of one `qoq.w4a8_gemm` fed by `quantize_act_int8` and graph constants, or None."""
-    x8, sx, xsum, *consts = node.args[:7]
+    x8, sx, xsum = node.args[:3]
+    consts = [node.args[i] for i in GEMM_ROLES]  # all [N, ...]
     items = [x8, sx, xsum]
     if not all(isinstance(a, fx.Node) and a.target is operator.getitem and a.args[1] == i for i, a in enumerate(items)):
         return None
@@ -55,7 +55,7 @@ def _gemm_parts(gm: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     if not (isinstance(quant, fx.Node) and quant.target is _QUANT and all(a.args[0] is quant for a in items)):
         return None
     tensors = {}
-    for role, c in zip(_ROLES, consts):
+    for role, c in zip(GEMM_ROLES.values(), consts):
         if c is None and role == "gscale":
             continue
         t = _const(gm, c)
@@ -72,11 +72,12 @@ def _gemm_parts(gm: fx.GraphModule, node: fx.Node) -> Optional[dict]:
 def _input_chain(gm: fx.GraphModule, x: Any) -> tuple[Any, list[tuple[Any, Any]]]:
     """(root, [(op, constant or argument), ...]) of the per-channel ops between `x`'s root and the quantization."""
     chain = []
-    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _INPUT_OPS:
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in INPUT_OPS:
         operand = x.args[1] if x.target is torch.mul else x.args[2]
         if x.target is torch.index_select and x.args[1] != -1:
             break
-        chain.append((x.target, _const(gm, operand) if _const(gm, operand) is not None else operand))
+        value = _const(gm, operand)
+        chain.append((x.target, operand if value is None else value))
         x = x.args[0]
     return x, chain
 
@@ -149,7 +150,7 @@ def _erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         n = todo.pop(0)
         if n in erased or n.users or n.op not in ("call_function", "get_attr"):
             continue
-        if n.op == "call_function" and n.target not in (_GEMM, _QUANT, operator.getitem, *_INPUT_OPS):
+        if n.op == "call_function" and n.target not in (_GEMM, _QUANT, operator.getitem, *INPUT_OPS):
             continue
         inputs = list(n.all_input_nodes)
         graph.erase_node(n)

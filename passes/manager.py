@@ -127,20 +127,15 @@ def _run_w4a8(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, record
 def _weight_copy_records(qgraph: QGraph, seen: set[str]) -> list[LayerRecord]:
     """FP linears that read a pass's own copy of a shared weight (rotate's tied lm_head): find_linears
     matches parameters only, so without these the report would not list them at all."""
-    from qcompile.artifact import WEIGHT_COPY_META
+    from qcompile.artifact import WEIGHT_COPY_META, WEIGHT_COPY_REASON
 
     out = []
     for node in qgraph.gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (torch._C._nn.linear, torch.nn.functional.linear):
-            continue
-        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        fqn = w.meta.get(WEIGHT_COPY_META) if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None
+        fqn = node.meta.get(WEIGHT_COPY_META) if node.op == "get_attr" else None
         if fqn and fqn not in seen:
             seen.add(fqn)
-            out.append(LayerRecord(
-                name=fqn, kind="linear", shape=tuple(getattr(qgraph.gm, w.target).shape), quantized=False,
-                reason="reads its own FP copy of a weight shared with an embedding (rotate gave the tied "
-                       "output projection a rotated copy); only parameters are quantized"))
+            out.append(LayerRecord(name=fqn, kind="linear", shape=tuple(getattr(qgraph.gm, node.target).shape),
+                                   quantized=False, reason=WEIGHT_COPY_REASON))
     return out
 
 

@@ -23,11 +23,14 @@ from runtime.registry import GraphRecord, LayerRecord
 RUNTIME_FIELDS = ("kernels", "inductor", "mode", "calibration", "artifact", "release_fp_weights",
                   "release_fp_cache", "fuse_gemms", "debug_dir", "quiet", "strict")
 _FP_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-_GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
-_INPUT_OPS = {torch.mul: "mul", torch.index_select: "index_select"}
+GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
+# per-channel ops the passes put between a layer's input and its quantization
+INPUT_OPS = {torch.mul: "mul", torch.index_select: "index_select"}
 # Meta key of a get_attr node holding a pass's own copy of a shared weight, read by the FP linear
 # named by the value (passes/rotate.py: a tied lm_head): the record saves it, a replay reads it again.
 WEIGHT_COPY_META = "qoq_weight_copy_of"
+WEIGHT_COPY_REASON = ("weight tied to another use (an embedding): reads its own FP copy, which a pass rewrote "
+                      "(block rotation); only parameters are quantized")
 
 
 def artifact_config(config: QoQConfig) -> dict:
@@ -162,7 +165,7 @@ def _record_w4a8_lowrank(rec: _Recorder, node: fx.Node, quant: fx.Node, branch, 
     smooth, l_down, l_up = _const(xs.args[1], rec.consts), _const(down.args[1], rec.consts), _const(up_node, rec.consts)
     if smooth is None or l_down is None or l_up is None:
         return False
-    roles = rec.roles(node, _GEMM_ROLES)
+    roles = rec.roles(node, GEMM_ROLES)
     fqn, layer = rec.layer_of(node, roles)
     roles["l_up"] = l_up
     rec.used.update({xs.args[1].target, down.args[1].target, up_node.target})
@@ -193,19 +196,19 @@ def build_record(qgraph: QGraph, consts: dict, record: GraphRecord, config: QoQC
         branch = _lowrank_branch(node)
         if branch is not None and _record_w4a8_lowrank(rec, node, quant, branch, data):
             continue
-        roles = rec.roles(node, _GEMM_ROLES)
+        roles = rec.roles(node, GEMM_ROLES)
         fqn, layer = rec.layer_of(node, roles)
         # The input chain: getitem <- quantize_act_int8(x) <- (mul / index_select by constants)*.
         ops = []
         x = quant.args[0]
-        while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _INPUT_OPS:
+        while isinstance(x, fx.Node) and x.op == "call_function" and x.target in INPUT_OPS:
             operand = x.args[1] if x.target is torch.mul else x.args[2]
             c = _const(operand, consts)
             if c is None:
                 break
             if x.target is torch.index_select and x.args[1] != -1:
                 raise ArtifactError(f"layer {fqn}: index_select over dim {x.args[1]} before its GEMM; only the last dim replays")
-            ops.append([_INPUT_OPS[x.target], f"{fqn}.{_INPUT_OPS[x.target]}"])
+            ops.append([INPUT_OPS[x.target], f"{fqn}.{INPUT_OPS[x.target]}"])
             data.tensors[ops[-1][1]] = c[1]
             used.add(operand.target)
             x = x.args[0]
@@ -256,8 +259,7 @@ def _record_weight_copies(qgraph: QGraph, consts: dict, used: set, data: Artifac
         key = f"{fqn}.weight_copy"
         data.weight_copies[fqn] = key
         data.tensors[key] = consts[node.target][1]
-        data.skipped.setdefault(fqn, ("weight tied to another use (an embedding): reads its own FP copy, "
-                                      "which a pass rewrote (block rotation)"))
+        data.skipped.setdefault(fqn, WEIGHT_COPY_REASON)
         used.add(node.target)
 
 
