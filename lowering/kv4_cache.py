@@ -8,8 +8,8 @@ after `generate` made another one. Under CUDA graphs the lookup runs during warm
 the replay reuses the buffers it captured, which is right as long as the FP cache tensors are the
 same, and cudagraph trees re-record when a static input's address changes.
 
-Both take the KV rotation H of passes/rotate_kv (or None): the kv_cache pass moves the graph's
-rotate_rows / unrotate_rows matmuls into this argument, and the kernels apply H on the fly.
+Both take the KV rotation H of passes/rotate_kv (or None), which the kernels apply on the fly. The
+kv_cache pass passes it only with its ABSORB_ROTATION (off: measured slower than the graph's matmuls).
 
 The append returns an empty "written" token that the attention takes: the buffers are state the
 compiler cannot see, so this data edge is what orders a layer's write before its read.
