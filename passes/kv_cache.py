@@ -155,9 +155,10 @@ def _trace_cache_read(node: Any, aliases: dict[fx.Node, fx.Node]
 
 
 def _rotation_of(node: Any, fn: Any, h: Optional[fx.Node] = None) -> Optional[tuple[fx.Node, fx.Node]]:
-    """(x, h) when node is fn(x, h) (fn: rotate_rows or unrotate_rows) with h the given one if any."""
-    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn and len(node.args) == 2
-            and not node.kwargs and isinstance(node.args[1], fx.Node) and (h is None or node.args[1] is h)):
+    """(x, h) when node is fn(x, h) (fn: rotate_rows or unrotate_rows; unrotate_rows with gain 1, the
+    float32 orthonormal form the kernels take) with h the given one if any."""
+    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn
+            and (len(node.args) == 2 or (len(node.args) == 3 and node.args[2] == 1)) and not node.kwargs and isinstance(node.args[1], fx.Node) and (h is None or node.args[1] is h)):
         return node.args[0], node.args[1]
     return None
 

@@ -14,10 +14,18 @@ function is kept (up to float rounding); only the 4-bit cache benefits, so the m
 only when kv_bits == 4, just before the kv_cache pass, which then finds the same write / SDPA pattern
 with the rotated tensors as the written source and the query.
 
-Run-time cost: two float32 [D, D] matmuls per attention (rotate_rows of the written K and of q), four
-with values=True (rotate_rows of the written V, unrotate_rows of the output). V carries little of the
-KV4 loss, so the config's rotate_kv_values is off by default (ACCURACY.md). The kv_cache pass can
-absorb the four into the KV4 kernels (its ABSORB_ROTATION), measured slower on an H200 and off.
+Run-time cost: two [D, D] matmuls per attention (rotate_rows of the written K and of q), four with
+values=True (rotate_rows of the written V, unrotate_rows of the output). V carries little of the KV4
+loss, so the config's rotate_kv_values is off by default (ACCURACY.md). The kv_cache pass can absorb
+the four into the KV4 kernels (its ABSORB_ROTATION), measured slower on an H200 and off.
+
+In which precision: for a power-of-two head_dim and a bf16 / fp16 model the matmuls take the Hadamard
+unscaled (entries ±1, exact in bf16) in the model's dtype: x·H' sums exact products in fp32 and rounds
+once, as the float32 product does, but runs as a half-precision GEMM. H'H'ᵀ = D·I, so SDPA's scale is
+divided by D (exact: a power of two) and unrotate_rows multiplies by 1/D. The float32 product of the
+orthonormal H was the first form: on an H200 cuBLAS ran the query's [32, 128] x [128, 128] float32
+product at batch 1 in a split-K kernel of 54 us, a third of a decode layer (BENCHMARKS.md). Other
+head_dims (a random orthogonal H) and float32 models keep the float32 form, and so does absorption.
 
 Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
 pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both
@@ -26,6 +34,7 @@ answer in every one of them. H depends on head_dim only (fixed seed), so all gra
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -58,14 +67,28 @@ def kv_rotation(head_dim: int) -> torch.Tensor:
     return rotation_matrix(head_dim, seed=ROTATION_SEED)
 
 
+def kv_rotation_operand(head_dim: int, dtype: torch.dtype, low_precision: bool = True) -> tuple[torch.Tensor, int]:
+    """(H as the graph's matmuls take it, gain) with H Hᵀ = gain·I: the unscaled ±1 Hadamard in `dtype`
+    (gain head_dim) where that is exact and allowed, else kv_rotation in float32 (gain 1)."""
+    h = kv_rotation(head_dim)
+    if low_precision and head_dim & (head_dim - 1) == 0 and dtype in (torch.bfloat16, torch.float16):
+        return (h * math.sqrt(head_dim)).round().to(dtype), head_dim
+    return h, 1
+
+
 def rotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ h in float32 (a bf16 H would not be orthogonal enough), back in x's dtype."""
-    return (x.float() @ h).to(x.dtype)
+    """x [..., D] @ h: in x's dtype when h is (the ±1 Hadamard, exact there), else in float32 and back in
+    x's dtype (a rounded orthonormal H would not be orthogonal enough)."""
+    if h.dtype == x.dtype:
+        return x @ h
+    return (x.float() @ h.float()).to(x.dtype)
 
 
-def unrotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ hᵀ in float32: undoes `rotate_rows` (h is orthogonal)."""
-    return (x.float() @ h.t()).to(x.dtype)
+def unrotate_rows(x: torch.Tensor, h: torch.Tensor, gain: int = 1) -> torch.Tensor:
+    """x [..., D] @ hᵀ / gain: undoes `rotate_rows` (h hᵀ = gain·I; 1/gain a power of two, exact)."""
+    if h.dtype == x.dtype:
+        return (x @ h.t()) * (1.0 / gain)
+    return (x.float() @ h.float().t()).to(x.dtype)
 
 
 def _val(node) -> Optional[torch.Tensor]:
@@ -124,9 +147,23 @@ def _plan(node: fx.Node, weights: set[str]) -> tuple[Optional[tuple], str]:
     return (kc, vc, kw, vw, int(d)), ""
 
 
-def rotate_kv(qgraph: QGraph, values: bool = True) -> RotateKVResult:
+def _sdpa_scale(node: fx.Node, head_dim: int) -> float:
+    scale = _arg(node, 6, "scale")
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _set_sdpa_scale(node: fx.Node, scale: float) -> None:
+    if len(node.args) > 6:
+        node.update_arg(6, scale)
+    else:
+        node.update_kwarg("scale", scale)
+
+
+def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -> RotateKVResult:
     """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph; with
-    values=False q and K only (V's cache and the attention output stay as they are)."""
+    values=False q and K only (V's cache and the attention output stay as they are). low_precision:
+    the ±1 Hadamard in the model's dtype where exact (module docstring); False: float32 everywhere (the
+    form the kv_cache pass can absorb into its kernels)."""
     graph = qgraph.gm.graph
     weights = set(qgraph.weights)
     result = RotateKVResult()
@@ -150,11 +187,20 @@ def rotate_kv(qgraph: QGraph, values: bool = True) -> RotateKVResult:
     done: set[fx.Node] = set()  # caches whose writes are rotated already (read by several SDPAs)
     for node, (kc, vc, kw, vw, d) in plans.items():
         q = _arg(node, 0, "query")
-        if d not in consts:
-            h = kv_rotation(d).to(_val(q).device)
+        # The ±1 form needs one half-precision dtype for q and the written K / V, and a constant scale.
+        dtype = _val(q).dtype
+        if any(_val(w.args[i]).dtype != dtype for w, i in kw + vw) or not isinstance(
+                _arg(node, 6, "scale"), (float, int, type(None))):
+            dtype = torch.float32
+        key = (d, dtype)
+        if key not in consts:
+            h, gain = kv_rotation_operand(d, dtype, low_precision)
             # "kv4." stems are runtime state to an artifact: its replay re-runs this pass and makes H again.
-            consts[d] = qgraph.add_constant(f"kv4.rotate_kv.h{d}", h, before=first)
-        hn = consts[d]
+            stem = f"kv4.rotate_kv.h{d}" + ("" if gain == 1 else f"_{str(dtype).removeprefix('torch.')}")
+            consts[key] = (qgraph.add_constant(stem, h.to(_val(q).device), before=first), gain)
+        hn, gain = consts[key]
+        if gain != 1:  # (q H')(k H')ᵀ = gain · q kᵀ
+            _set_sdpa_scale(node, _sdpa_scale(node, d) / gain)
         for cache, writes in ((kc, kw), (vc, vw)) if values else ((kc, kw),):
             if cache in done:
                 continue
@@ -171,7 +217,7 @@ def rotate_kv(qgraph: QGraph, values: bool = True) -> RotateKVResult:
         node.replace_input_with(q, qrot)
         if values:
             with graph.inserting_after(node):
-                back = graph.call_function(unrotate_rows, (node, hn))
+                back = graph.call_function(unrotate_rows, (node, hn, gain))
             back.meta.update({key: val for key, val in node.meta.items() if key in ("example_value", "val")})
             # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
             node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)

@@ -21,26 +21,27 @@ L = 24
 class _Backend:
     """Runs rotate_kv (then, if asked, the kv_cache pass) on every graph and keeps the results."""
 
-    def __init__(self, then_kv4: bool = False, values: bool = True):
+    def __init__(self, then_kv4: bool = False, values: bool = True, low_precision: bool = True):
         self.then_kv4, self.values, self.results, self.kv, self.graphs = then_kv4, values, [], [], []
+        self.low_precision = low_precision
 
     def __call__(self, gm, example_inputs):
         qg = capture(gm, example_inputs)
-        self.results.append(rotate_kv(qg, values=self.values))
+        self.results.append(rotate_kv(qg, values=self.values, low_precision=self.low_precision))
         self.graphs.append(qg.gm)
         if self.then_kv4:
             self.kv.append(kv_cache(qg, kernels="reference"))
         return qg.gm.forward
 
 
-def _run(model, backend, prompt: int = 6, steps: int = 2, seed: int = 0):
+def _run(model, backend, prompt: int = 6, steps: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32):
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     caches = []
     for _ in range(2):
         c = StaticCache(cfg, max_cache_len=L)
         c.early_initialization(batch_size=1, num_heads=cfg.num_key_value_heads, head_dim=head_dim,
-                               dtype=torch.float32, device="cpu")
+                               dtype=dtype, device="cpu")
         caches.append(c)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -71,6 +72,31 @@ def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads, 
     for gm in backend.graphs:  # 2 attentions: q, K (and V and the output back)
         fns = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
         assert fns.count(rotate_rows) == (6 if values else 4) and fns.count(unrotate_rows) == (2 if values else 0)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), values=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, values, dtype):
+    """bf16 / fp16 with a power-of-two head_dim: the graph's H is the ±1 Hadamard in the model's dtype
+    (H·Hᵀ = D·I), SDPA's scale is divided by D, and the output is as close to the unrotated model's as
+    with the float32 orthonormal H: both round each rotated vector once."""
+    from passes.rotate_kv import rotate_rows, unrotate_rows
+
+    model = make_model("llama", seed=seed, kv_heads=2).to(dtype)  # head_dim 16
+    exact, fp32 = _Backend(values=values), _Backend(values=values, low_precision=False)
+    errs = _run(model, exact, seed=seed, dtype=dtype)
+    errs_fp32 = _run(model, fp32, seed=seed, dtype=dtype)
+    assert max(errs) < 2 * max(errs_fp32) + 2e-3, (errs, errs_fp32)
+    for gm in exact.graphs:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
+        h = getattr(gm, calls[0].args[1].target)
+        assert h.dtype == dtype and torch.equal(h.float().abs(), torch.ones(16, 16))
+        assert torch.equal((h.float() @ h.float().t()), 16 * torch.eye(16))
+        sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
+        assert sdpas and all(n.kwargs.get("scale") == pytest.approx(0.25 / 16) for n in sdpas)
+    for gm in fp32.graphs:
+        h = next(getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and "rotate_kv" in n.target)
+        assert h.dtype == torch.float32
 
 
 @pytest.mark.parametrize("values", [True, False])
