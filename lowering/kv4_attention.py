@@ -186,7 +186,8 @@ def _attend_tile(
     kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
     OUT_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, CODE: tl.constexpr,
     DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, LAZY: tl.constexpr, FTZ_EXP: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_ROW: tl.constexpr, LAZY: tl.constexpr,
+    FTZ_EXP: tl.constexpr,
 ):
     """One KV tile [n0, n0 + BLOCK_N) for the program's query rows: scores, online softmax, P·V.
 
@@ -231,9 +232,15 @@ def _attend_tile(
     ks = k_scale * qk_scale
     kz = (k_zero - BIAS * k_scale) * qk_scale
     s = s * ks[None, :] + q_sum[:, None] * kz[None, :]
-    if HAS_MASK:
-        mp = mrow[:, None] + n[None, :] * sml
+    if HAS_MASK and MASK_ROW:  # one mask row for all the program's rows (mrow: its start), read once
         if MASK_BOOL:  # read as bytes: True = attend
+            keep = tl.load(mrow + n * sml, mask=n_ok, other=1)
+            s = tl.where(keep[None, :] != 0, s, float("-inf"))
+        else:
+            s += (tl.load(mrow + n * sml, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634)[None, :]
+    elif HAS_MASK:
+        mp = mrow[:, None] + n[None, :] * sml
+        if MASK_BOOL:
             keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
             s = tl.where(keep != 0, s, float("-inf"))
         else:
@@ -347,7 +354,8 @@ def _kv4_attention_kernel(
     sob, soh, sot, sod,                  # out [B, Hq, Tq, D] (written when not PARTIAL)
     Hkv, Hq, Tq, L, D2, split_len, num_splits, qk_scale,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr,
-    PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CODE: tl.constexpr,
+    PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_ROW: tl.constexpr,
+    CODE: tl.constexpr,
     BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
     LAZY: tl.constexpr, FTZ_EXP: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,
     ROT_DOT: tl.constexpr,
@@ -413,18 +421,21 @@ def _kv4_attention_kernel(
     vbase = VC + b * svb + h * svh
     kmbase = KM + b * skmb + h * skmh
     vmbase = VM + b * svmb + h * svmh
-    mrow = MASK + b * smb + qh * smh + t * smt
+    if MASK_ROW:  # the mask is broadcast over heads and the block's tokens: one row, loaded [BLOCK_N] a tile
+        mrow = MASK + b * smb
+    else:
+        mrow = MASK + b * smb + qh * smh + t * smt
     for n0 in range(start, full_end, BLOCK_N):
         m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
             n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
             kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
-            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, False, HAS_MASK, MASK_BOOL, LAZY,
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, False, HAS_MASK, MASK_BOOL, MASK_ROW, LAZY,
             FTZ_EXP)
     for n0 in range(full_end, end, BLOCK_N):
         m_i, l_i, c_i, acc0, acc1, acc2, acc3 = _attend_tile(
             n0, end, m_i, l_i, c_i, acc0, acc1, acc2, acc3, q0, q1, q2, q3, q_sum, lim, row_ok, e, e_ok,
             kbase, vbase, kmbase, vmbase, skl, svl, skml, svml, mrow, sml, qk_scale,
-            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, True, HAS_MASK, MASK_BOOL, LAZY,
+            O.dtype.element_ty, BLOCK_N, BIAS, CODE, DOT_F32, USE_ASM, EVEN_D, True, HAS_MASK, MASK_BOOL, MASK_ROW, LAZY,
             FTZ_EXP)
 
     if PARTIAL:
@@ -690,6 +701,10 @@ def kv4_attention_triton(
             hkv, hq, tq, length, d2, 0, 1, scale * _LOG2E]
     consts = dict(G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D2=block_d2, HAS_MASK=attn_mask is not None,
                   MASK_BOOL=mask_bool, CODE=code, BIAS=_CODE_BIAS[code],
+                  # a mask broadcast over heads and tokens ([B, 1, 1, L], the decode mask transformers
+                  # passes): one [BLOCK_N] row a tile instead of a [BLOCK_M, BLOCK_N] gather. The gather
+                  # took the H200's batch-1 decode attention from 11 to 24 us.
+                  MASK_ROW=attn_mask is not None and (hq == 1 or mask_strides[1] == 0) and (tq == 1 or mask_strides[2] == 0),
                   DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
                   USE_ASM=use_asm, EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda,
                   ROTATE=rotation is not None, BLOCK_R=16, ROT_DOT=kv4_append.ROTATION_DOT,

@@ -30,11 +30,27 @@ def _tol(dtype):
     return {torch.float32: fp32, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
 
 
+@pytest.mark.parametrize("tq", [1, 5])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_a_mask_row_shared_by_heads_and_tokens_matches_reference(tq, kind):
+    """A [B, 1, 1, L] mask (transformers' decode mask) takes the kernel's one-row path (MASK_ROW)."""
+    g = torch.Generator().manual_seed(tq)
+    b, hkv, group, d, length = 2, 2, 4, 32, 70
+    caches, _, _ = _filled_cache(b, hkv, length, d, 60, g, torch.bfloat16)
+    q = torch.randn(b, hkv * group, tq, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    pos = torch.arange(60 - tq, 60, device=DEVICE)
+    mask = torch.rand(b, 1, 1, length, generator=g)
+    mask = (mask > 0.3) if kind == "bool" else mask * 3
+    ref = kv4_attention_reference(q, *caches, pos, mask.to(DEVICE))
+    tri = kv4_attention_triton(q, *caches, pos, mask.to(DEVICE), num_splits=2, block_n=16)
+    torch.testing.assert_close(tri.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 @given(
     b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 5]),
     d=st.sampled_from([16, 32, 48, 64]), length=st.integers(1, 150), tq=st.integers(1, 9),
     start_frac=st.floats(0, 1), splits=st.sampled_from([None, 1, 2, 3, 7]), block_n=st.sampled_from([16, 32]),
-    mask_kind=st.sampled_from([None, "bool", "float", "bool-b1"]), dtype=st.sampled_from(
+    mask_kind=st.sampled_from([None, "bool", "float", "bool-b1", "bool-row", "float-row"]), dtype=st.sampled_from(
         [torch.float32, torch.float16, torch.bfloat16]), lazy=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, splits, block_n, mask_kind, dtype, lazy,
@@ -52,6 +68,10 @@ def test_triton_matches_reference(b, hkv, group, d, length, tq, start_frac, spli
         mask = (torch.rand(b, 1, tq, length, generator=g) > 0.3).to(DEVICE)
     elif mask_kind == "float":
         mask = (torch.randn(1, hkv * group, tq, length, generator=g) * 2).to(DEVICE)
+    elif mask_kind == "bool-row":  # one row for every head and token: the kernel reads it as [BLOCK_N] a tile
+        mask = (torch.rand(b, 1, 1, length, generator=g) > 0.3).to(DEVICE)
+    elif mask_kind == "float-row":
+        mask = (torch.randn(b, 1, 1, length, generator=g) * 2).to(DEVICE)
     scale = None if seed % 2 else 0.3
     ref = kv4_attention_reference(q, *caches, pos, mask, scale)
     tri = kv4_attention_triton(q, *caches, pos, mask, scale, num_splits=splits, block_n=block_n,
