@@ -1,6 +1,7 @@
 """W4A8 GEMM vs its peers at Llama-3-8B shapes: cuBLAS bf16, torch._int_mm (W8A8), torch._scaled_mm
-fp8, tinygemm int4 (`_weight_int4pack_mm`, torchao's int4 weight-only kernel) and a plain Triton
-int8 GEMM. Prints a table, writes JSON. Run on a GPU:
+fp8, tinygemm int4 (`_weight_int4pack_mm`, torchao's int4 weight-only kernel), a plain Triton
+int8 GEMM, and gemlite's A8W4 / A16W4 layers where gemlite is installed (a wheel carried to the GPU
+machine; skipped otherwise). Prints a table, writes JSON. Run on a GPU:
 
     python benchmarks/bench_gemm.py --out bench_gemm.json                 # stored configs
     python benchmarks/bench_gemm.py --sweep --configs-out cfg.json ...    # tune per bucket, store
@@ -325,6 +326,29 @@ def precompile(shapes, ms_list, formats, workers: int):
 
 # ---- the run --------------------------------------------------------------------------------------
 
+def gemlite_layers(N: int, K: int, dev: str) -> dict:
+    """gemlite's A8W4 (int8 activations, quantized per token inside the layer, as its helper builds it
+    with fp8=torch.int8) and A16W4 (bf16 activations) layers over g128 asymmetric 4-bit weights, one
+    layer per weight copy; {} where gemlite is not installed."""
+    try:
+        from gemlite.helper import A8W4_HQQ_INT_dynamic, A16W4_HQQ_INT
+    except ImportError:
+        return {}
+    wq = torch.randint(0, 16, (N, K), device=dev, dtype=torch.uint8)
+    scales = torch.rand(N, K // 128, device=dev, dtype=torch.bfloat16) * 0.01 + 0.001
+    zeros = torch.full((N, K // 128), 8.0, device=dev, dtype=torch.bfloat16)
+    makers = {"gemlite_a8w4": lambda: A8W4_HQQ_INT_dynamic(device=dev, dtype=torch.bfloat16, fp8=torch.int8),
+              "gemlite_a16w4": lambda: A16W4_HQQ_INT(device=dev, dtype=torch.bfloat16)}
+    layers = {}
+    for name, make in makers.items():
+        try:
+            layers[name] = [make().from_weights(wq.clone(), scales.clone(), zeros.clone())
+                            for _ in range(_copies(N * K // 2))]
+        except Exception as e:  # noqa: BLE001 - an API or kernel gemlite cannot build here: say so, go on
+            print(f"{name} unavailable at {N}x{K}: {e!r}"[:200], flush=True)
+    return layers
+
+
 def run(args) -> list[dict]:
     dev = "cuda"
     torch.manual_seed(0)
@@ -359,6 +383,7 @@ def run(args) -> list[dict]:
             tiny = [(packed.clone(), sz.clone()) for _ in range(_copies(packed.numel() * packed.element_size()))]
         except Exception as e:  # tinygemm's packing API moved between releases
             print("tinygemm unavailable:", e)
+        gemlite = gemlite_layers(N, K, dev)
         for M in args.m:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
             x8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
@@ -379,6 +404,11 @@ def run(args) -> list[dict]:
             if tiny:
                 row["tinygemm_int4"] = gtime([lambda t=t: torch.ops.aten._weight_int4pack_mm(x, t[0], 128, t[1])
                                               for t in tiny], n_calls, reps)
+            for name, layers in gemlite.items():
+                try:  # gemlite autotunes on a new M: the warm-up calls of gtime run it before the capture
+                    row[name] = gtime([lambda lay=lay: lay(x) for lay in layers], n_calls, reps)
+                except Exception as e:  # noqa: BLE001
+                    print(f"{name} failed at M={M} {N}x{K}: {e!r}"[:200], flush=True)
             if M <= 16:
                 qs = [c[0] for c in qws[args.formats[0]]]
                 sink = torch.empty(N, dtype=torch.int32, device=dev)
@@ -550,7 +580,8 @@ def _git_commit() -> str:
 def _fmt(r: dict) -> str:
     base = r["bf16_cublas"]
     parts = [f"M={r['M']:5d} N={r['N']:5d} K={r['K']:5d} bf16={base:.4f}ms"]
-    for k in ("qoq_g128", "qoq_chn", "int_mm", "triton_int8", "tinygemm_int4", "fp8_scaled_mm"):
+    for k in ("qoq_g128", "qoq_chn", "qoq_g128_with_act_quant", "gemlite_a8w4", "gemlite_a16w4", "int_mm",
+              "triton_int8", "tinygemm_int4", "fp8_scaled_mm"):
         if k in r:
             parts.append(f"{k}={r[k]:.4f} ({base / r[k]:.2f}x)")
     roof = max(r["roofline_mem_ms"], r["roofline_int8_ms"])
