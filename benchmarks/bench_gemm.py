@@ -226,7 +226,7 @@ def gtime(calls, n_calls: int, reps: int) -> float:
             f()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=side):  # the warmed-up stream: split-K counters are per stream
         for i in range(n_calls):
             calls[i % len(calls)]()
     g.replay()

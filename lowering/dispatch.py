@@ -51,8 +51,9 @@ def allocate_outside_graph_pools(make: Callable[[], torch.Tensor]) -> torch.Tens
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             "qoq: a kernel workspace (split-K counters) was first needed while a CUDA graph was being captured, "
-            "where no memory may be allocated for good. Run the compiled model (or op) once before capturing; "
-            "torch.compile's mode='reduce-overhead' does that warm-up itself."
+            "where no memory may be allocated for good. Run the compiled model (or op) once before capturing, on "
+            "the stream the capture uses (workspaces are per stream: torch.cuda.graph(g, stream=s) after a run on "
+            "s); torch.compile's mode='reduce-overhead' does that warm-up itself."
         )
     made: list = []
     failed: list = []
