@@ -27,13 +27,50 @@ _INVARIANT_OPS = {operator.add, torch.add, operator.mul, torch.mul, operator.tru
                   "add", "mul", "rsqrt", "sqrt", "to", "float", "reciprocal"}
 
 
+def _is_prime(p: int) -> bool:
+    return p > 1 and all(p % f for f in range(2, math.isqrt(p) + 1))
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley's construction I: a ±1 Hadamard matrix of order q + 1 for a prime q ≡ 3 (mod 4)."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0.0] + [1.0 if i in squares else -1.0 for i in range(1, q)])
+    idx = torch.arange(q)
+    jacobsthal = chi[(idx[None, :] - idx[:, None]) % q]  # antisymmetric since -1 is a non-square mod q
+    s = torch.zeros(q + 1, q + 1)
+    s[0, 1:] = 1.0
+    s[1:, 0] = -1.0
+    s[1:, 1:] = jacobsthal
+    return s + torch.eye(q + 1)
+
+
+def hadamard_matrix(n: int) -> torch.Tensor | None:
+    """A ±1 [n, n] with H·Hᵀ = n·I where one is built here, else None: Sylvester's doubling for powers
+    of two (the same matrix rotation_matrix always used), times a Paley block of order p + 1 (p a
+    prime ≡ 3 mod 4) otherwise, e.g. 80 = 20·4 and 96 = 12·8 (head_dims of Phi models)."""
+    if n < 1:
+        return None
+    k = (n & -n).bit_length() - 1  # the power of two in n
+    for j in range(k, -1, -1):
+        m = n >> j
+        if m == 1:
+            base = torch.ones(1, 1)
+        elif _is_prime(m - 1) and (m - 1) % 4 == 3:
+            base = _paley(m - 1)
+        else:
+            continue
+        h = base
+        while h.shape[0] < n:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h
+    return None
+
+
 def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
     """Orthogonal [n, n]: Hadamard with random signs for powers of two, else a seeded random orthogonal."""
     g = torch.Generator().manual_seed(seed)
     if n & (n - 1) == 0:
-        h = torch.ones(1, 1)
-        while h.shape[0] < n:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        h = hadamard_matrix(n)
         signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
         return (h * signs[None, :]) / math.sqrt(n)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))

@@ -1,5 +1,5 @@
 """KV rotation (QuaRot-style) for the 4-bit KV cache: an orthogonal H over head_dim (a Hadamard with
-random signs for powers of two) applied online to what attention reads from a static cache.
+random signs where one is built: kv_rotation) applied online to what attention reads from a static cache.
 
 - K and q after RoPE: attention only sees q·kᵀ, and (q H)(k H)ᵀ = q kᵀ, so the key written into the
   cache becomes k H and the query q H. RoPE's pair rotations do not commute with H, which is why this
@@ -19,13 +19,16 @@ values=True (rotate_rows of the written V, unrotate_rows of the output). V carri
 loss, so the config's rotate_kv_values is off by default (ACCURACY.md). The kv_cache pass can absorb
 the four into the KV4 kernels (its ABSORB_ROTATION), measured slower on an H200 and off.
 
-In which precision: for a power-of-two head_dim and a bf16 / fp16 model the matmuls take the Hadamard
-unscaled (entries ±1, exact in bf16) in the model's dtype: x·H' sums exact products in fp32 and rounds
-once, as the float32 product does, but runs as a half-precision GEMM. H'H'ᵀ = D·I, so SDPA's scale is
-divided by D (exact: a power of two) and unrotate_rows multiplies by 1/D. The float32 product of the
-orthonormal H was the first form: on an H200 cuBLAS ran the query's [32, 128] x [128, 128] float32
-product at batch 1 in a split-K kernel of 54 us, a third of a decode layer (BENCHMARKS.md). Other
-head_dims (a random orthogonal H) and float32 models keep the float32 form, and so does absorption.
+In which precision: where H is a Hadamard (head_dim a power of two, or 2^k·(p + 1) with p a prime
+≡ 3 mod 4, such as 80 and 96) and the model is bf16 / fp16, the matmuls take it unscaled (entries ±1,
+exact in bf16) in the model's dtype: x·H' sums exact products in fp32 and rounds once, as the float32
+product does, but runs as a half-precision GEMM. H'H'ᵀ = D·I, so SDPA's scale is divided by D and
+unrotate_rows multiplies by 1/D (both exact for powers of two; otherwise the scale takes one more
+float rounding, and V's un-rotated output one more rounding in the model's dtype). The float32 product
+of the orthonormal H was the first form: on an H200 cuBLAS ran the query's [32, 128] x [128, 128]
+float32 product at batch 1 in a split-K kernel of 54 us, a third of a decode layer (BENCHMARKS.md).
+Other head_dims (a random orthogonal H, e.g. 112) and float32 models keep the float32 form, and so
+does absorption.
 
 Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
 pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both
@@ -42,7 +45,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from passes.rotate import rotation_matrix
+from passes.rotate import hadamard_matrix, rotation_matrix
 from qcompile.capture import QGraph
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -63,16 +66,25 @@ class RotateKVResult:
 
 
 def kv_rotation(head_dim: int) -> torch.Tensor:
-    """The orthogonal [D, D] used for K, q and V of every attention with this head_dim."""
-    return rotation_matrix(head_dim, seed=ROTATION_SEED)
+    """The orthogonal [D, D] used for K, q and V of every attention with this head_dim: a Hadamard
+    with random column signs where passes.rotate.hadamard_matrix builds one (powers of two, and e.g.
+    80 and 96), else a seeded random orthogonal matrix."""
+    h = hadamard_matrix(head_dim)
+    if h is None or head_dim & (head_dim - 1) == 0:  # powers of two: the matrix rotation_matrix made
+        return rotation_matrix(head_dim, seed=ROTATION_SEED)
+    g = torch.Generator().manual_seed(ROTATION_SEED)
+    signs = torch.randint(0, 2, (head_dim,), generator=g).float() * 2 - 1
+    return h * signs[None, :] / math.sqrt(head_dim)
 
 
 def kv_rotation_operand(head_dim: int, dtype: torch.dtype, low_precision: bool = True) -> tuple[torch.Tensor, int]:
     """(H as the graph's matmuls take it, gain) with H Hᵀ = gain·I: the unscaled ±1 Hadamard in `dtype`
     (gain head_dim) where that is exact and allowed, else kv_rotation in float32 (gain 1)."""
     h = kv_rotation(head_dim)
-    if low_precision and head_dim & (head_dim - 1) == 0 and dtype in (torch.bfloat16, torch.float16):
-        return (h * math.sqrt(head_dim)).round().to(dtype), head_dim
+    signs = (h * math.sqrt(head_dim)).round()
+    if (low_precision and dtype in (torch.bfloat16, torch.float16)
+            and torch.allclose(h * math.sqrt(head_dim), signs, atol=1e-5)):  # a Hadamard: ±1 after scaling
+        return signs.to(dtype), head_dim
     return h, 1
 
 

@@ -74,15 +74,17 @@ def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads, 
         assert fns.count(rotate_rows) == (6 if values else 4) and fns.count(unrotate_rows) == (2 if values else 0)
 
 
-@settings(max_examples=4, deadline=None)
-@given(seed=st.integers(0, 2**16), values=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, values, dtype):
-    """bf16 / fp16 with a power-of-two head_dim: the graph's H is the ±1 Hadamard in the model's dtype
-    (H·Hᵀ = D·I), SDPA's scale is divided by D, and the output is as close to the unrotated model's as
-    with the float32 orthonormal H: both round each rotated vector once."""
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), values=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       d=st.sampled_from([16, 20]))
+def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, values, dtype, d):
+    """bf16 / fp16 with a head_dim that has a Hadamard (16: Sylvester; 20: Paley): the graph's H is
+    the ±1 Hadamard in the model's dtype (H·Hᵀ = D·I), SDPA's scale is divided by D, and the output is
+    as close to the unrotated model's as with the float32 orthonormal H: both round each rotated
+    vector once."""
     from passes.rotate_kv import rotate_rows, unrotate_rows
 
-    model = make_model("llama", seed=seed, kv_heads=2).to(dtype)  # head_dim 16
+    model = make_model("llama", hidden=4 * d, seed=seed, kv_heads=2).to(dtype)  # 4 heads of d
     exact, fp32 = _Backend(values=values), _Backend(values=values, low_precision=False)
     errs = _run(model, exact, seed=seed, dtype=dtype)
     errs_fp32 = _run(model, fp32, seed=seed, dtype=dtype)
@@ -90,10 +92,10 @@ def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, val
     for gm in exact.graphs:
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
         h = getattr(gm, calls[0].args[1].target)
-        assert h.dtype == dtype and torch.equal(h.float().abs(), torch.ones(16, 16))
-        assert torch.equal((h.float() @ h.float().t()), 16 * torch.eye(16))
+        assert h.dtype == dtype and torch.equal(h.float().abs(), torch.ones(d, d))
+        assert torch.equal((h.float() @ h.float().t()), d * torch.eye(d))
         sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
-        assert sdpas and all(n.kwargs.get("scale") == pytest.approx(0.25 / 16) for n in sdpas)
+        assert sdpas and all(n.kwargs.get("scale") == pytest.approx(d ** -0.5 / d) for n in sdpas)
     for gm in fp32.graphs:
         h = next(getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr" and "rotate_kv" in n.target)
         assert h.dtype == torch.float32
@@ -121,11 +123,28 @@ def test_attention_without_cache_is_left_alone():
     assert qg.gm.code == before
 
 
-@pytest.mark.parametrize("d", [16, 64, 80, 128])
+@pytest.mark.parametrize("d", [16, 64, 80, 96, 112, 128])
 def test_rotation_is_orthogonal_and_fixed(d):
     h = kv_rotation(d)
     assert torch.allclose(h @ h.t(), torch.eye(d), atol=1e-5)
     assert torch.equal(h, kv_rotation(d))  # every graph and process must agree
+    # a Hadamard (flat ±1/√D entries) wherever one is built: 112 has none here (random orthogonal)
+    flat = torch.allclose(h.abs() * d ** 0.5, torch.ones(d, d), atol=1e-5)
+    assert flat == (d != 112)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 20, 24, 40, 48, 80, 96, 160, 192, 256, 576])
+def test_hadamard_matrices(n):
+    from passes.rotate import hadamard_matrix
+
+    h = hadamard_matrix(n)
+    assert h is not None and torch.equal(h.abs(), torch.ones(n, n)) and torch.equal(h @ h.t(), n * torch.eye(n))
+
+
+def test_no_hadamard_is_made_up():
+    from passes.rotate import hadamard_matrix
+
+    assert hadamard_matrix(112) is None and hadamard_matrix(36) is None and hadamard_matrix(0) is None
 
 
 @settings(max_examples=10, deadline=None)
