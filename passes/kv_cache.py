@@ -259,6 +259,7 @@ def kv_cache(
     def skip(name: str, reason: str) -> None:
         result.records.append(LayerRecord(name=name, kind="attention", shape=(), quantized=False, reason=reason))
 
+    read_by_sdpa: set[fx.Node] = set()
     for node in list(graph.nodes):
         parts = _sdpa_parts(node)
         if parts is None:
@@ -268,6 +269,7 @@ def kv_cache(
         if kr is None or vr is None:
             continue  # attention that does not read a written cache (an encoder, a vision tower): not ours
         (kc, kchain, ksliced), (vc, vchain, vsliced) = kr, vr
+        read_by_sdpa |= {kc, vc}
         name = f"attention over {_cache_name(kc)}"
         if kc.op != "placeholder" or vc.op != "placeholder":
             skip(name, "the KV cache is created inside the graph (a compiled prefill allocating StaticCache "
@@ -351,6 +353,15 @@ def kv_cache(
                      "append_after": append.name, "rotation_in_kernels": rot is not None}))
         if release_fp_cache:
             result.to_release += [kc.name, vc.name]
+    # A cache passed in and written here that no SDPA reads: attention spelled without SDPA (eager
+    # attention; Gemma-2's logit soft-capping picks it), which would otherwise leave the cache 16-bit
+    # with nothing said.
+    for cache in writes:
+        if cache.op == "placeholder" and cache not in read_by_sdpa:
+            skip(f"KV cache {_cache_name(cache)}",
+                 "written in the graph but read by no scaled_dot_product_attention (eager attention, e.g. "
+                 "attn_implementation='eager' or Gemma-2's logit soft-capping): it stays 16-bit. Load the model "
+                 "with attn_implementation='sdpa' where it supports it")
     if result.rewritten:
         graph.lint()
         gm.recompile()

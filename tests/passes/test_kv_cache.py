@@ -219,6 +219,20 @@ def test_is_causal_sdpa_is_left_alone_and_reported():
     assert r.rewritten == 0 and "is_causal=True" in r.records[0].reason
 
 
+def test_cache_read_by_eager_attention_is_reported():
+    """Attention spelled as matmul + softmax (transformers' eager attention) over a written cache: no
+    SDPA to rewrite, and each cache is reported as left 16-bit, with the way out."""
+    def step(q, k, v, kc, vc, pos):
+        _write_index_copy(kc, vc, pos, k, v)
+        s = q @ _repeat_kv(kc, G).transpose(-1, -2) / D ** 0.5
+        return torch.softmax(s, -1) @ _repeat_kv(vc, G)
+
+    r = _compile_and_pass(step, *_args())
+    assert r.rewritten == 0 and len(r.records) == 2
+    assert all(not rec.quantized and "no scaled_dot_product_attention" in rec.reason and "sdpa" in rec.reason
+               for rec in r.records)
+
+
 def test_attention_without_cache_is_not_touched():
     def step(q, k, v, kc, vc, pos):
         return F.scaled_dot_product_attention(q, _repeat_kv(k, G), _repeat_kv(v, G))
