@@ -14,9 +14,6 @@ head, so a kernel dots the low nibbles with q[:D/2] and the high nibbles with q[
 interleaves lanes. `zero` is stored as the value of code 0 (the row minimum rounded to fp16), not an
 integer zero point: dequantization is one multiply-add and no zero-point rounding or clamping is lost.
 Bits per element: 4 + 32/D (4.25 at D = 128). fp16 scale/zero assume |K|, |V| < 65504, as in fp16 models.
-
-An optional rotation H [D, D] (passes/rotate_kv's orthogonal head_dim rotation) is applied to the new rows
-inside the kernel before they are quantized, so the rotation costs no launch of its own.
 """
 from __future__ import annotations
 
@@ -72,31 +69,6 @@ def kv4_dequantize(data: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return codes * meta[..., 0:1].float() + meta[..., 1:2].float()
 
 
-# Precision of the dots that apply the KV rotation in the kernels (tl.dot input_precision). "ieee":
-# fp32 FMAs, the float32 reference's rows within rounding. On an H200 "tf32x3" (three tf32 MMAs) made
-# the rotated decode attention 1.3-2x faster but still slower than two torch matmuls around the
-# unrotated kernel, which is what passes/kv_cache does by default (ABSORB_ROTATION). Read at call time
-# (benchmarks/bench_kv_rotation.py compares the values).
-ROTATION_DOT = "ieee"
-
-
-def rotate_head_dim(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """x [..., D] @ rotation [D, D] in float32, back in x's dtype: the same product as
-    passes/rotate_kv.rotate_rows, which the kernels reproduce (the spec of a rotated append/attention)."""
-    return (x.float() @ rotation).to(x.dtype)
-
-
-def check_rotation(op: str, rotation: torch.Tensor | None, head_dim: int, device: torch.device) -> None:
-    """A KV rotation must be a float32 [D, D] on the data's device (the kernels read it as fp32 rows)."""
-    if rotation is None:
-        return
-    if rotation.dtype != torch.float32 or tuple(rotation.shape) != (head_dim, head_dim):
-        raise ValueError(f"{op}: rotation must be a float32 [{head_dim}, {head_dim}] (head_dim x head_dim) matrix, "
-                         f"got {rotation.dtype} {tuple(rotation.shape)}; pass passes.rotate_kv.kv_rotation(head_dim)")
-    if rotation.device != device:
-        raise ValueError(f"{op}: rotation is on {rotation.device} and the data on {device}; move it with .to()")
-
-
 def _check_cache(name: str, x: torch.Tensor, data: torch.Tensor, meta: torch.Tensor) -> None:
     b, h, _, d = x.shape
     if data.dtype != torch.uint8 or meta.dtype != torch.float16:
@@ -111,66 +83,22 @@ def _check_cache(name: str, x: torch.Tensor, data: torch.Tensor, meta: torch.Ten
 def kv4_append_reference(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor,
     v_cache: torch.Tensor, v_meta: torch.Tensor, cache_position: torch.Tensor,
-    rotation: torch.Tensor | None = None,
 ) -> None:
     pos = cache_position.to(device=k_cache.device, dtype=torch.long)
     for x, data, meta in ((k, k_cache, k_meta), (v, v_cache, v_meta)):
-        qd, qm = kv4_quantize(x if rotation is None else rotate_head_dim(x, rotation))
+        qd, qm = kv4_quantize(x)
         data.index_copy_(2, pos, qd)
         meta.index_copy_(2, pos, qm)
 
 
 @triton.jit
-def round_to_dtype(x, DTYPE: tl.constexpr):
-    """fp32 x rounded to DTYPE (to nearest, ties to even) and returned as fp32, as torch's `.to(dtype)`
-    rounds. bf16 by integer arithmetic on the bits: the interpreter's fp32 -> bf16 cast truncates, and
-    the codes of a rotated row must be the reference's on the CPU as on the GPU."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float32:
-        return x
-    else:
-        return x.to(DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
-                    BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
-    """Rows x [BLOCK_T, D] (at xp + dim·sxd) times the rotation [D, D] (contiguous fp32), as the two
-    halves the bytes pack: columns d and D2 + d. From 16 rows a tl.dot of precision ROT_DOT
-    (ROTATION_DOT above), fewer rows an explicit fp32 sum."""
-    lo = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)
-    hi = tl.zeros([BLOCK_T, BLOCK_D2], tl.float32)
-    d_ok = d < D2
-    for r0 in range(0, 2 * D2, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = r < 2 * D2
-        x = tl.load(xp + r[None, :] * sxd, mask=t_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        hp = ROT + r[:, None] * (2 * D2) + d[None, :]
-        h_ok = r_ok[:, None] & d_ok[None, :]
-        h_lo = tl.load(hp, mask=h_ok, other=0.0)
-        h_hi = tl.load(hp + D2, mask=h_ok, other=0.0)
-        if BLOCK_T >= 16:  # tl.dot needs 16 rows; decode's few rows take the explicit sum
-            lo = tl.dot(x, h_lo, lo, input_precision=ROT_DOT)
-            hi = tl.dot(x, h_hi, hi, input_precision=ROT_DOT)
-        else:
-            lo += tl.sum(x[:, :, None] * h_lo[None, :, :], 1)
-            hi += tl.sum(x[:, :, None] * h_hi[None, :, :], 1)
-    return lo, hi
-
-
-@triton.jit
 def _kv4_quantize_store_kernel(
-    X, DATA, META, POS, ROT,
+    X, DATA, META, POS,
     sxb, sxh, sxt, sxd,          # new K or V [B, Hkv, T, D]
     sdb, sdh, sdl, sdd,          # data [B, Hkv, L, D/2]
     smb, smh, sml, smc,          # meta [B, Hkv, L, 2]
     Hkv, T, L, D2,
     BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
-    ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,  # ROT: the [D, D] fp32 rotation applied first (or unused)
-    ROT_DOT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = pid_bh // Hkv
@@ -181,14 +109,8 @@ def _kv4_quantize_store_kernel(
     ok = t_ok[:, None] & (d < D2)[None, :]
 
     xp = X + b * sxb + h * sxh + t[:, None] * sxt
-    if ROTATE:
-        lo, hi = _rotated_halves(xp, sxd, ROT, t_ok, d, D2, BLOCK_T, BLOCK_D2, BLOCK_R, ROT_DOT)
-        # back to x's dtype before quantizing, as the reference's rotated rows are
-        lo = round_to_dtype(lo, X.dtype.element_ty)
-        hi = round_to_dtype(hi, X.dtype.element_ty)
-    else:
-        lo = tl.load(xp + d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
-        hi = tl.load(xp + (d + D2)[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
+    lo = tl.load(xp + d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
+    hi = tl.load(xp + (d + D2)[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
     mn = tl.minimum(tl.min(tl.where(ok, lo, float("inf")), 1), tl.min(tl.where(ok, hi, float("inf")), 1))
     mx = tl.maximum(tl.max(tl.where(ok, lo, float("-inf")), 1), tl.max(tl.where(ok, hi, float("-inf")), 1))
     # Round scale and zero to fp16 first and quantize against the stored values (as the reference);
@@ -214,25 +136,17 @@ def _kv4_quantize_store_kernel(
     tl.store(mp + smc, zero16, mask=w_ok)
 
 
-def _quantize_store_triton(x: torch.Tensor, data: torch.Tensor, meta: torch.Tensor, pos: torch.Tensor,
-                           rotation: torch.Tensor | None = None) -> None:
+def _quantize_store_triton(x: torch.Tensor, data: torch.Tensor, meta: torch.Tensor, pos: torch.Tensor) -> None:
     b, h, t, d = x.shape
     d2 = d // 2
-    if rotation is None:
-        block_d2 = triton.next_power_of_2(d2)
-        block_t = max(1, min(triton.next_power_of_2(t), 4096 // block_d2, 64))
-    else:
-        # the rotation's dot wants >= 16 columns; rows: up to 16 a program (the product's tiles stay in
-        # registers), below 16 (decode) the kernel sums explicitly instead of calling tl.dot
-        block_d2 = max(16, triton.next_power_of_2(d2))
-        block_t = min(triton.next_power_of_2(t), 16)
-        rotation = rotation.contiguous()
+    block_d2 = triton.next_power_of_2(d2)
+    block_t = max(1, min(triton.next_power_of_2(t), 4096 // block_d2, 64))
     grid = (b * h, cdiv(t, block_t))
     _kv4_quantize_store_kernel[grid](
-        x, data, meta, pos, x if rotation is None else rotation,
+        x, data, meta, pos,
         *x.stride(), *data.stride(), *meta.stride(),
         h, t, data.shape[2], d2,
-        BLOCK_T=block_t, BLOCK_D2=block_d2, ROTATE=rotation is not None, BLOCK_R=16, ROT_DOT=ROTATION_DOT,
+        BLOCK_T=block_t, BLOCK_D2=block_d2,
     )
 
 
@@ -240,16 +154,13 @@ def _quantize_store_triton(x: torch.Tensor, data: torch.Tensor, meta: torch.Tens
 def kv4_append(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor,
     v_cache: torch.Tensor, v_meta: torch.Tensor, cache_position: torch.Tensor, kernels: str = "auto",
-    rotation: torch.Tensor | None = None,
 ) -> None:
     """Quantize k, v [B, Hkv, T, D] (K after RoPE) and write them at cache_position [T] of the KV4 cache.
-    With `rotation` H (float32 [D, D]), k·H and v·H are what is quantized (see rotate_head_dim).
 
     Positions must lie in [0, L); the reference raises on others, the kernel skips them.
     """
     _check_cache("k", k, k_cache, k_meta)
     _check_cache("v", v, v_cache, v_meta)
-    check_rotation("kv4_append", rotation, k.shape[-1], k.device)
     if cache_position.dim() != 1 or cache_position.shape[0] != k.shape[2] or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"kv4_append: k {tuple(k.shape)}, v {tuple(v.shape)} and cache_position "
                          f"{tuple(cache_position.shape)} disagree (expected [B, Hkv, T, D] and [T])")
@@ -257,12 +168,12 @@ def kv4_append(
         return
     if use_triton(k, kernels):
         pos = cache_position.to(device=k.device, dtype=torch.int64).contiguous()
-        _quantize_store_triton(k, k_cache, k_meta, pos, rotation)
-        _quantize_store_triton(v, v_cache, v_meta, pos, rotation)
+        _quantize_store_triton(k, k_cache, k_meta, pos)
+        _quantize_store_triton(v, v_cache, v_meta, pos)
     else:
-        kv4_append_reference(k, v, k_cache, k_meta, v_cache, v_meta, cache_position, rotation)
+        kv4_append_reference(k, v, k_cache, k_meta, v_cache, v_meta, cache_position)
 
 
 @kv4_append.register_fake
-def _kv4_append_fake(k, v, k_cache, k_meta, v_cache, v_meta, cache_position, kernels="auto", rotation=None) -> None:
+def _kv4_append_fake(k, v, k_cache, k_meta, v_cache, v_meta, cache_position, kernels="auto") -> None:
     return None

@@ -4,9 +4,7 @@ One kernel serves decode and (chunked) prefill: flash-decoding, i.e. the sequenc
 programs (as many as fill one wave of the GPU), each program streams KV tiles (cp.async-pipelined)
 once for all query heads of its GQA group and all its query tokens, runs the dots on the raw codes
 (scales and zeros applied per token outside the MMA) and keeps an online softmax; a second kernel
-merges the splits. An optional rotation H [D, D] (passes/rotate_kv) is applied in the kernels: q·H
-once per program before the KV loop, and out·Hᵀ on the way out (in the merge kernel when the sequence
-is split: the merge is linear). Tuned configs per GPU: lowering/configs/kv4-attention-<gpu>.json; performance
+merges the splits. Tuned configs per GPU: lowering/configs/kv4-attention-<gpu>.json; performance
 notes: benchmarks/NOTES.md ("KV4 attention").
 """
 from __future__ import annotations
@@ -22,8 +20,7 @@ import triton
 import triton.language as tl
 
 from lowering.dispatch import cdiv, use_triton
-from lowering import kv4_append
-from lowering.kv4_append import check_rotation, kv4_dequantize, rotate_head_dim, round_to_dtype
+from lowering.kv4_append import kv4_dequantize
 from lowering.w4a8_gemm import tuned_config_file
 
 _LOG2E = 1.4426950408889634
@@ -51,19 +48,12 @@ def _check(q, k_cache, k_meta, v_cache, v_meta, cache_position) -> None:
 def kv4_attention_reference(
     q: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor, v_cache: torch.Tensor, v_meta: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q·Kᵀ·scale + mask) · V over the dequantized cache, in float32.
 
     Query i (at cache position p_i) sees cache slots j ≤ p_i: the causal rule of a decoder cache, which
     also hides slots not written yet. A row that sees nothing gives 0 (SDPA would give NaN).
-    With `rotation` H (a cache written as k·H, v·H): the query is q·H and the result out·Hᵀ, each product
-    in float32 and rounded to q's dtype, as passes/rotate_kv's rotate_rows / unrotate_rows compute them.
     """
-    if rotation is not None:
-        out = kv4_attention_reference(rotate_head_dim(q, rotation), k_cache, k_meta, v_cache, v_meta,
-                                      cache_position, attn_mask, scale)
-        return rotate_head_dim(out, rotation.t()).contiguous()
     b, hq, tq, d = q.shape
     hkv, length = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -298,53 +288,11 @@ def _attend_tile(
     return m_new, l_i, c_i, acc0, acc1, acc2, acc3
 
 
-@triton.jit
-def _rotated_query(qrow, sqd, row_ok, ROT, D2, e, e_ok, BLOCK_M: tl.constexpr, BLOCK_D4: tl.constexpr,
-                   BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
-    """q·H for the program's rows (q at qrow + dim·sqd, H contiguous fp32 [D, D]), in the four column
-    sets the byte pairs unpack to: 2e, 2e+1, D2+2e, D2+2e+1. Dots of precision ROT_DOT
-    (kv4_append.ROTATION_DOT)."""
-    a0 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
-    a1 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
-    a2 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
-    a3 = tl.zeros([BLOCK_M, BLOCK_D4], tl.float32)
-    for r0 in range(0, 2 * D2, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        r_ok = r < 2 * D2
-        x = tl.load(qrow + r[None, :] * sqd, mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-        hp = ROT + r[:, None] * (2 * D2) + 2 * e[None, :]
-        h_ok = r_ok[:, None] & e_ok[None, :]
-        a0 = tl.dot(x, tl.load(hp, mask=h_ok, other=0.0), a0, input_precision=ROT_DOT)
-        a1 = tl.dot(x, tl.load(hp + 1, mask=h_ok, other=0.0), a1, input_precision=ROT_DOT)
-        a2 = tl.dot(x, tl.load(hp + D2, mask=h_ok, other=0.0), a2, input_precision=ROT_DOT)
-        a3 = tl.dot(x, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), a3, input_precision=ROT_DOT)
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _store_unrotated(orow, sod, row_ok, o0, o1, o2, o3, ROT, D2, e, e_ok, OUT_DTYPE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, ROT_DOT: tl.constexpr):
-    """Store out·Hᵀ, out given in the four column sets of _rotated_query: output column j is
-    Σ_e o0[:, e]·H[j, 2e] + o1[:, e]·H[j, 2e+1] + o2[:, e]·H[j, D2+2e] + o3[:, e]·H[j, D2+2e+1].
-    Padded columns (e beyond D2/2) meet zero H entries."""
-    for j0 in range(0, 2 * D2, BLOCK_R):
-        j = j0 + tl.arange(0, BLOCK_R)
-        j_ok = j < 2 * D2
-        hp = ROT + j[None, :] * (2 * D2) + 2 * e[:, None]
-        h_ok = e_ok[:, None] & j_ok[None, :]
-        y = tl.dot(o0, tl.load(hp, mask=h_ok, other=0.0), input_precision=ROT_DOT)
-        y = tl.dot(o1, tl.load(hp + 1, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
-        y = tl.dot(o2, tl.load(hp + D2, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
-        y = tl.dot(o3, tl.load(hp + D2 + 1, mask=h_ok, other=0.0), y, input_precision=ROT_DOT)
-        tl.store(orow + j[None, :] * sod, y.to(OUT_DTYPE), mask=row_ok[:, None] & j_ok[None, :])
-
-
 # Sizes and counts are not specialized (each new length or split count would compile again); the
 # strides are, so 16-byte alignment of the cache rows is known and loads vectorize.
 @triton.jit(do_not_specialize=["Hkv", "Hq", "Tq", "L", "D2", "split_len", "num_splits"])
 def _kv4_attention_kernel(
     Q, KC, KM, VC, VM, POS, MASK, O, PACC, PML,
-    ROT,                                 # rotation H [D, D] fp32, contiguous (read when ROTATE)
     sqb, sqh, sqt, sqd,                  # q [B, Hq, Tq, D]
     skb, skh, skl,                       # k data seen as int16 [B, Hkv, L, D/4], pairs contiguous
     skmb, skmh, skml,                    # k meta seen as int32 [B, Hkv, L]: one (scale, zero) fp16 pair a word
@@ -357,8 +305,7 @@ def _kv4_attention_kernel(
     PARTIAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, MASK_ROW: tl.constexpr,
     CODE: tl.constexpr,
     BIAS: tl.constexpr, DOT_F32: tl.constexpr, USE_ASM: tl.constexpr, EVEN_D: tl.constexpr,
-    LAZY: tl.constexpr, FTZ_EXP: tl.constexpr, ROTATE: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROT_DOT: tl.constexpr,
+    LAZY: tl.constexpr, FTZ_EXP: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -379,20 +326,11 @@ def _kv4_attention_kernel(
 
     # q split the way the pairs unpack: q0 = dims 2e, q1 = 2e+1, q2 = D2+2e, q3 = D2+2e+1
     o_ok = row_ok[:, None] & e_ok[None, :]
-    if ROTATE:
-        # q·H once per program, rounded to q's dtype as the reference's rotated query is
-        q0, q1, q2, q3 = _rotated_query(Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt, sqd, row_ok, ROT,
-                                        D2, e, e_ok, BLOCK_M, BLOCK_D4, BLOCK_R, ROT_DOT)
-        q0 = round_to_dtype(q0, Q.dtype.element_ty).to(Q.dtype.element_ty)
-        q1 = round_to_dtype(q1, Q.dtype.element_ty).to(Q.dtype.element_ty)
-        q2 = round_to_dtype(q2, Q.dtype.element_ty).to(Q.dtype.element_ty)
-        q3 = round_to_dtype(q3, Q.dtype.element_ty).to(Q.dtype.element_ty)
-    else:
-        qp = Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt + (2 * e[None, :]) * sqd
-        q0 = tl.load(qp, mask=o_ok, other=0.0)
-        q1 = tl.load(qp + sqd, mask=o_ok, other=0.0)
-        q2 = tl.load(qp + D2 * sqd, mask=o_ok, other=0.0)
-        q3 = tl.load(qp + (D2 + 1) * sqd, mask=o_ok, other=0.0)
+    qp = Q + b * sqb + qh[:, None] * sqh + t[:, None] * sqt + (2 * e[None, :]) * sqd
+    q0 = tl.load(qp, mask=o_ok, other=0.0)
+    q1 = tl.load(qp + sqd, mask=o_ok, other=0.0)
+    q2 = tl.load(qp + D2 * sqd, mask=o_ok, other=0.0)
+    q3 = tl.load(qp + (D2 + 1) * sqd, mask=o_ok, other=0.0)
     q_sum = (tl.sum(q0.to(tl.float32), 1) + tl.sum(q1.to(tl.float32), 1) + tl.sum(q2.to(tl.float32), 1)
              + tl.sum(q3.to(tl.float32), 1))
     if DOT_F32:
@@ -440,7 +378,7 @@ def _kv4_attention_kernel(
 
     if PARTIAL:
         # Partials are contiguous [B, Hq, Tq, num_splits, 2·D2] (acc, in output dim order) and
-        # [..., num_splits, 2] (m, l). They stay rotated: the merge is linear, it un-rotates once.
+        # [..., num_splits, 2] (m, l).
         part = ((b * Hq + qh) * Tq + t) * num_splits + pid_s
         ap = PACC + part[:, None] * (2 * D2) + 2 * e[None, :]
         tl.store(ap, acc0 + c_i[:, None], mask=o_ok)
@@ -449,11 +387,6 @@ def _kv4_attention_kernel(
         tl.store(ap + D2 + 1, acc3 + c_i[:, None], mask=o_ok)
         tl.store(PML + part * 2, m_i, mask=row_ok)
         tl.store(PML + part * 2 + 1, l_i, mask=row_ok)
-    elif ROTATE:
-        inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
-        _store_unrotated(O + b * sob + qh[:, None] * soh + t[:, None] * sot, sod, row_ok,
-                         (acc0 + c_i[:, None]) * inv, (acc1 + c_i[:, None]) * inv, (acc2 + c_i[:, None]) * inv,
-                         (acc3 + c_i[:, None]) * inv, ROT, D2, e, e_ok, O.dtype.element_ty, BLOCK_R, ROT_DOT)
     else:
         inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)[:, None]
         op = O + b * sob + qh[:, None] * soh + t[:, None] * sot + (2 * e[None, :]) * sod
@@ -465,10 +398,10 @@ def _kv4_attention_kernel(
 
 @triton.jit
 def _kv4_attention_merge_kernel(
-    PACC, PML, O, ROT,
+    PACC, PML, O,
     sob, soh, sot, sod,
     Hq, Tq, D, num_splits,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)  # (b, qh, t) flattened
     b = row // (Hq * Tq)
@@ -488,15 +421,7 @@ def _kv4_attention_merge_kernel(
     out = tl.sum(w[:, None] * acc, 0)
     out = tl.where(den > 0, out / tl.where(den > 0, den, 1.0), 0.0)
     orow = O + b * sob + qh * soh + t * sot
-    if ROTATE:
-        # out·Hᵀ, BLOCK_J output columns at a time: column j = Σ_i out[i]·H[j, i], an explicit fp32 sum
-        for j0 in range(0, D, BLOCK_J):
-            j = j0 + tl.arange(0, BLOCK_J)
-            j_ok = j < D
-            h = tl.load(ROT + j[:, None] * D + d[None, :], mask=j_ok[:, None] & (d < D)[None, :], other=0.0)
-            tl.store(orow + j * sod, tl.sum(h * out[None, :], 1).to(O.dtype.element_ty), mask=j_ok)
-    else:
-        tl.store(orow + d * sod, out.to(O.dtype.element_ty), mask=d < D)
+    tl.store(orow + d * sod, out.to(O.dtype.element_ty), mask=d < D)
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -637,14 +562,13 @@ def triton_supports(head_dim: int) -> bool:
 def kv4_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor, v_cache: torch.Tensor, v_meta: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    rotation: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
+    num_splits: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, use_asm: bool | None = None,
     tuning: dict | None = None, plan_only: bool = False,
 ) -> torch.Tensor | dict:
     """Launch the Triton kernels. The keyword knobs override the chosen config (tests, the sweep);
     `tuning` may hold LAZY, maxnreg and the split rule's CTAS_PER_SM / MIN_SPLIT_LEN. plan_only:
-    return the launch plan (config, splits, programs an SM holds) instead of running (benchmarks).
-    `rotation`: H [D, D] fp32 of a cache written as k·H, v·H (q·H in, out·Hᵀ out, both in the kernels)."""
+    return the launch plan (config, splits, programs an SM holds) instead of running (benchmarks)."""
     b, hq, tq, d = q.shape
     hkv, length, d2 = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
     g = hq // hkv
@@ -657,9 +581,6 @@ def kv4_attention_triton(
     if not triton_supports(d):
         raise ValueError(f"kv4_attention: the Triton kernel needs head_dim % 4 == 0, got {d}; "
                          "use kernels='reference' for this model")
-    check_rotation("kv4_attention", rotation, d, q.device)
-    if rotation is not None:
-        rotation = rotation.contiguous()
     pos = cache_position.to(device=q.device, dtype=torch.int64).contiguous()
     k_pairs = _wide_view(k_cache, torch.int16)
     v_pairs = _wide_view(v_cache, torch.int16)
@@ -695,7 +616,6 @@ def kv4_attention_triton(
         mask_strides = (0, 0, 0, 0)
 
     args = [q, k_pairs, k_words, v_pairs, v_words, pos, attn_mask if attn_mask is not None else q, out, None, None,
-            q if rotation is None else rotation,
             *q.stride(), *k_pairs.stride()[:3], *k_words.stride(), *v_pairs.stride()[:3], *v_words.stride(),
             *mask_strides, *out.stride(),
             hkv, hq, tq, length, d2, 0, 1, scale * _LOG2E]
@@ -707,7 +627,6 @@ def kv4_attention_triton(
                   MASK_ROW=attn_mask is not None and (hq == 1 or mask_strides[1] == 0) and (tq == 1 or mask_strides[2] == 0),
                   DOT_F32=q.dtype == torch.bfloat16 and not q.is_cuda,
                   USE_ASM=use_asm, EVEN_D=d2 == block_d2, LAZY=cfg["LAZY"], FTZ_EXP=q.is_cuda,
-                  ROTATE=rotation is not None, BLOCK_R=16, ROT_DOT=kv4_append.ROTATION_DOT,
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cfg.get("maxnreg"):
         consts["maxnreg"] = cfg["maxnreg"]
@@ -737,9 +656,8 @@ def kv4_attention_triton(
     _kv4_attention_kernel[(b * hkv, splits, row_blocks)](*args, PARTIAL=splits > 1, **consts)
     if splits > 1:
         _kv4_attention_merge_kernel[(b * hq * tq,)](
-            pacc, pml, out, out if rotation is None else rotation, *out.stride(), hq, tq, d, splits,
+            pacc, pml, out, *out.stride(), hq, tq, d, splits,
             BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(d),
-            ROTATE=rotation is not None, BLOCK_J=16,
         )
     return out
 
@@ -748,23 +666,20 @@ def kv4_attention_triton(
 def kv4_attention(
     q: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor, v_cache: torch.Tensor, v_meta: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    kernels: str = "auto", rotation: torch.Tensor | None = None,
+    kernels: str = "auto",
 ) -> torch.Tensor:
     """Attention of q [B, Hq, Tq, D] at cache positions cache_position [Tq] over a KV4 cache [B, Hkv, L, ·].
 
     GQA with Hq = G·Hkv (query head h·G + g reads KV head h, as transformers' repeat_kv). Query i sees
     slots j ≤ cache_position[i] (causal; decode, prefill and chunked prefill alike), plus an optional
-    attn_mask broadcastable to [B, Hq, Tq, L]: bool (True = attend) or additive float. With `rotation` H
-    (float32 [D, D], the cache written by kv4_append with the same H) q·H attends and out·Hᵀ is returned.
+    attn_mask broadcastable to [B, Hq, Tq, L]: bool (True = attend) or additive float.
     """
     _check(q, k_cache, k_meta, v_cache, v_meta, cache_position)
-    check_rotation("kv4_attention", rotation, q.shape[-1], q.device)
     if use_triton(q, kernels):
         if kernels == "triton" or triton_supports(q.shape[-1]):
-            return kv4_attention_triton(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale,
-                                        rotation)
+            return kv4_attention_triton(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale)
         _warn_reference(q.shape[-1])
-    return kv4_attention_reference(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale, rotation)
+    return kv4_attention_reference(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask, scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -775,5 +690,5 @@ def _warn_reference(head_dim: int) -> None:
 
 @kv4_attention.register_fake
 def _kv4_attention_fake(q, k_cache, k_meta, v_cache, v_meta, cache_position, attn_mask=None, scale=None,
-                        kernels="auto", rotation=None):
+                        kernels="auto"):
     return q.new_empty(q.shape)  # contiguous whatever q's strides (q often arrives transposed)

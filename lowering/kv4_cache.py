@@ -8,9 +8,6 @@ after `generate` made another one. Under CUDA graphs the lookup runs during warm
 the replay reuses the buffers it captured, which is right as long as the FP cache tensors are the
 same, and cudagraph trees re-record when a static input's address changes.
 
-Both take the KV rotation H of passes/rotate_kv (or None), which the kernels apply on the fly. The
-kv_cache pass passes it only with its ABSORB_ROTATION (off: measured slower than the graph's matmuls).
-
 The append returns an empty "written" token that the attention takes: the buffers are state the
 compiler cannot see, so this data edge is what orders a layer's write before its read.
 """
@@ -40,21 +37,18 @@ def _buffers(fp_keys: torch.Tensor, fp_values: torch.Tensor, release_fp_cache: b
 def kv4_cache_append(
     k: torch.Tensor, v: torch.Tensor, fp_keys: torch.Tensor, fp_values: torch.Tensor,
     cache_position: torch.Tensor, kernels: str = "auto", release_fp_cache: bool = False,
-    rotation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k, v [B, Hkv, T, D] at cache_position [T] into the KV4 buffers standing for the FP cache
     (fp_keys, fp_values) [B, Hkv, L, D]; returns an empty token for kv4_cache_attention.
 
-    `release_fp_cache` frees the FP tensors' storage (they are never read or written). With `rotation`
-    H (float32 [D, D]) the cache holds k·H and v·H."""
+    `release_fp_cache` frees the FP tensors' storage (they are never read or written)."""
     bufs = _buffers(fp_keys, fp_values, release_fp_cache)
-    kv4_append(k, v, *bufs.tensors(), cache_position, kernels=kernels, rotation=rotation)
+    kv4_append(k, v, *bufs.tensors(), cache_position, kernels=kernels)
     return k.new_empty(0)
 
 
 @kv4_cache_append.register_fake
-def _kv4_cache_append_fake(k, v, fp_keys, fp_values, cache_position, kernels="auto", release_fp_cache=False,
-                           rotation=None):
+def _kv4_cache_append_fake(k, v, fp_keys, fp_values, cache_position, kernels="auto", release_fp_cache=False):
     return k.new_empty(0)
 
 
@@ -62,17 +56,16 @@ def _kv4_cache_append_fake(k, v, fp_keys, fp_values, cache_position, kernels="au
 def kv4_cache_attention(
     q: torch.Tensor, fp_keys: torch.Tensor, fp_values: torch.Tensor, written: torch.Tensor,
     cache_position: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None,
-    kernels: str = "auto", release_fp_cache: bool = False, rotation: torch.Tensor | None = None,
+    kernels: str = "auto", release_fp_cache: bool = False,
 ) -> torch.Tensor:
     """qoq.kv4_attention of q [B, Hq, Tq, D] over the KV4 buffers standing for (fp_keys, fp_values).
 
-    `written` is kv4_cache_append's token for this step (an ordering edge, no data). `rotation`: the H
-    the append used; q·H attends and out·Hᵀ comes back (the FP function of the unrotated q)."""
+    `written` is kv4_cache_append's token for this step (an ordering edge, no data)."""
     bufs = _buffers(fp_keys, fp_values, release_fp_cache)
-    return kv4_attention(q, *bufs.tensors(), cache_position, attn_mask, scale, kernels, rotation)
+    return kv4_attention(q, *bufs.tensors(), cache_position, attn_mask, scale, kernels)
 
 
 @kv4_cache_attention.register_fake
 def _kv4_cache_attention_fake(q, fp_keys, fp_values, written, cache_position, attn_mask=None, scale=None,
-                              kernels="auto", release_fp_cache=False, rotation=None):
+                              kernels="auto", release_fp_cache=False):
     return q.new_empty(q.shape)  # contiguous whatever q's strides, as qoq.kv4_attention

@@ -9,10 +9,10 @@ Spellings matched (transformers' StaticCache, 4.x and 5.x): the write is `cache.
 the read is SDPA with the cache as key/value, directly (`enable_gqa` or no GQA), through repeat_kv
 (`cache[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hq, L, D)`) or `repeat_interleave(G, dim=1)`.
 
-After passes/rotate_kv, the written K and V, the query and SDPA's output pass through rotate_rows /
-unrotate_rows with one H. The rewrite keeps those matmuls in the graph by default; with
-ABSORB_ROTATION it moves them into the ops' `rotation` argument, so the KV4 kernels apply H on the
-fly and no matmul is left around the attention. Either way the same function in float.
+After passes/rotate_kv, the written K (and V) and the query pass through rotate_rows: the rewrite
+leaves those matmuls in the graph and quantizes the rotated rows. (Until the sixth session the KV4
+kernels could apply H themselves instead; on an H200 that was slower than the matmuls even in float32,
+and the half-precision ±1 matmuls of rotate_kv cost 2-3 us each: benchmarks/NOTES.md, v5.)
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import torch
 import torch.fx as fx
 
 import lowering.kv4_cache  # noqa: F401  (registers torch.ops.qoq.kv4_cache_append / kv4_cache_attention)
-from passes.rotate_kv import rotate_rows, unrotate_rows
 from qcompile.capture import QGraph
 from runtime.kv_cache import kv4_buffers_for
 from runtime.registry import LayerRecord
@@ -43,17 +42,6 @@ class CacheWrite:
     cache: fx.Node  # the cache placeholder
     pos: Any  # fx.Node of positions [T], or a slice with int/node bounds
     src: fx.Node  # what is written, [B, Hkv, T, D]
-
-
-@dataclass
-class AbsorbedRotation:
-    """rotate_kv's matmuls around one attention, which the KV4 ops take over."""
-    h: fx.Node  # the [D, D] rotation constant
-    k: fx.Node  # K as written before rotate_rows
-    v: fx.Node
-    q: fx.Node  # the query before rotate_rows
-    unrotate: fx.Node  # unrotate_rows(SDPA output): its readers get the KV4 attention's output
-    matmuls: list[fx.Node]  # the rotate_rows / unrotate_rows nodes, erased once nothing reads them
 
 
 @dataclass
@@ -152,42 +140,6 @@ def _trace_cache_read(node: Any, aliases: dict[fx.Node, fx.Node]
             continue
         return None
     return None
-
-
-def _rotation_of(node: Any, fn: Any, h: Optional[fx.Node] = None) -> Optional[tuple[fx.Node, fx.Node]]:
-    """(x, h) when node is fn(x, h) (fn: rotate_rows or unrotate_rows; unrotate_rows with gain 1, the
-    float32 orthonormal form the kernels take) with h the given one if any."""
-    if (isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn
-            and (len(node.args) == 2 or (len(node.args) == 3 and node.args[2] == 1)) and not node.kwargs and isinstance(node.args[1], fx.Node) and (h is None or node.args[1] is h)):
-        return node.args[0], node.args[1]
-    return None
-
-
-# Off: measured slower. On an H200 (benchmarks/bench_kv_rotation.py, Llama-3-8B decode shapes at
-# position 1027, CUDA graphs) the attention with H in the kernel took 45/119/172/535 us at batch
-# 1/16/64/256 against 34/36/59/143 us for the kernel without H between two torch matmuls (11/17/36/105
-# us without any rotation); the append's in-kernel rotation added 8-45 us. Likely cause (no profile
-# taken): each one-warp decode program rotates its own query block with FMA dots, and every split
-# repeats it; tf32x3 dots cut that only to 35/71/109/270 us. The matmuls batch all heads at once.
-ABSORB_ROTATION = False
-
-
-def _absorbable_rotation(sdpa: fx.Node, q: Any, k_write: CacheWrite, v_write: CacheWrite) -> Optional[AbsorbedRotation]:
-    """rotate_kv's four matmuls around this attention, all with one H, each read only where it was put
-    (the write, SDPA, SDPA's single reader), or None: then any matmuls present stay in the graph."""
-    kr = _rotation_of(k_write.src, rotate_rows)
-    if kr is None:
-        return None
-    h = kr[1]
-    vr, qr = _rotation_of(v_write.src, rotate_rows, h), _rotation_of(q, rotate_rows, h)
-    back = next(iter(sdpa.users)) if len(sdpa.users) == 1 else None
-    if vr is None or qr is None or back is None or _rotation_of(back, unrotate_rows, h) is None:
-        return None
-    if not (k_write.src.users.keys() == {k_write.node} and v_write.src.users.keys() == {v_write.node}
-            and q.users.keys() == {sdpa}):
-        return None
-    return AbsorbedRotation(h=h, k=kr[0], v=vr[0], q=qr[0], unrotate=back,
-                            matmuls=[back, q, k_write.src, v_write.src])
 
 
 def _sdpa_parts(node: fx.Node) -> Optional[dict]:
@@ -318,39 +270,32 @@ def kv_cache(
 
         # -- rewrite ------------------------------------------------------------------------------
         bufs = kv4_buffers_for(fp_k, fp_v)  # made now, outside any CUDA-graph capture
-        rot = _absorbable_rotation(node, parts["q"], kw, vw) if ABSORB_ROTATION else None
-        k_src, v_src, q_src = (kw.src, vw.src, parts["q"]) if rot is None else (rot.k, rot.v, rot.q)
         later = kw.node if order[kw.node] > order[vw.node] else vw.node
         pos = _positions(graph, kw.pos, fp_k.device, before=later)
         with graph.inserting_after(later):
             append = graph.call_function(
                 torch.ops.qoq.kv4_cache_append.default,
-                (k_src, v_src, kc, vc, pos, kernels, release_fp_cache, None if rot is None else rot.h))
+                (kw.src, vw.src, kc, vc, pos, kernels, release_fp_cache))
         with graph.inserting_before(node):
             attn = graph.call_function(
                 torch.ops.qoq.kv4_cache_attention.default,
-                (q_src, kc, vc, append, pos, parts["mask"], parts["scale"], kernels, release_fp_cache,
-                 None if rot is None else rot.h))
+                (parts["q"], kc, vc, append, pos, parts["mask"], parts["scale"], kernels, release_fp_cache))
         attn.meta.update({k: v for k, v in node.meta.items()
                           if k in ("example_value", "val", "stack_trace", "nn_module_stack", "source_fn_stack")})
-        # with the rotation absorbed, the attention's output is already un-rotated: it replaces unrotate_rows
-        (node if rot is None else rot.unrotate).replace_all_uses_with(attn)
-        for dead in ([] if rot is None else [rot.unrotate]) + [node]:
-            graph.erase_node(dead)
+        node.replace_all_uses_with(attn)
+        graph.erase_node(node)
         for dead in sorted(chain_nodes - {node}, key=lambda n: -order[n]):
             if not dead.users:
                 graph.erase_node(dead)
         for w in (kw, vw):
             graph.erase_node(w.node)
-        for dead in ([] if rot is None else rot.matmuls[1:]):
-            graph.erase_node(dead)  # q's, K's and V's rotate_rows: their readers are gone
         result.rewritten += 1
         result.dead_cache_inputs += [kc.name, vc.name]
         result.records.append(LayerRecord(
             name=name, kind="attention", shape=tuple(kv.shape), quantized=True, format="kv4",
             kernel=f"qoq.kv4_cache_append + qoq.kv4_cache_attention ({kernels})",
             details={"kv_bits": 4, "bits_per_element": bufs.bits_per_element(), "cache_inputs": [kc.name, vc.name],
-                     "append_after": append.name, "rotation_in_kernels": rot is not None}))
+                     "append_after": append.name}))
         if release_fp_cache:
             result.to_release += [kc.name, vc.name]
     # A cache passed in and written here that no SDPA reads: attention spelled without SDPA (eager

@@ -55,15 +55,13 @@ def run_passes(qgraph: QGraph, config: QoQConfig, stats: CalibrationStats, recor
     else:
         _run_w4a8(qgraph, config, stats, record)
     if config.kv_bits == 4:
-        from passes import kv_cache as kv_cache_pass
         from passes.kv_cache import kv_cache
 
         if config.rotate_kv:  # before kv_cache: it then quantizes the rotated K and V
             from passes.rotate_kv import rotate_kv
 
             with pass_stage("rotate_kv", qgraph.gm):
-                # the KV4 kernels take only the float32 H: absorbing them rules out the ±1 form
-                rotate_kv(qgraph, values=config.rotate_kv_values, low_precision=not kv_cache_pass.ABSORB_ROTATION)
+                rotate_kv(qgraph, values=config.rotate_kv_values)
 
         with pass_stage("kv_cache", qgraph.gm):
             record.layers.extend(kv_cache(qgraph, kernels=config.kernels, release_fp_cache=config.release_fp_cache).records)

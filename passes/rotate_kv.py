@@ -16,8 +16,8 @@ with the rotated tensors as the written source and the query.
 
 Run-time cost: two [D, D] matmuls per attention (rotate_rows of the written K and of q), four with
 values=True (rotate_rows of the written V, unrotate_rows of the output). V carries little of the KV4
-loss, so the config's rotate_kv_values is off by default (ACCURACY.md). The kv_cache pass can absorb
-the four into the KV4 kernels (its ABSORB_ROTATION), measured slower on an H200 and off.
+loss, so the config's rotate_kv_values is off by default (ACCURACY.md). (Applying H inside the KV4
+kernels instead was built, measured slower on an H200 and removed: benchmarks/NOTES.md, v5.)
 
 In which precision: where H is a Hadamard (head_dim a power of two, or 2^k·(p + 1) with p a prime
 ≡ 3 mod 4, such as 80 and 96) and the model is bf16 / fp16, the matmuls take it unscaled (entries ±1,
@@ -27,8 +27,7 @@ unrotate_rows multiplies by 1/D (both exact for powers of two; otherwise the sca
 float rounding, and V's un-rotated output one more rounding in the model's dtype). The float32 product
 of the orthonormal H was the first form: on an H200 cuBLAS ran the query's [32, 128] x [128, 128]
 float32 product at batch 1 in a split-K kernel of 54 us, a third of a decode layer (BENCHMARKS.md).
-Other head_dims (a random orthogonal H, e.g. 112) and float32 models keep the float32 form, and so
-does absorption.
+Other head_dims (a random orthogonal H, e.g. 112) and float32 models keep the float32 form.
 
 Only attentions that read a cache written in the same graph (the static-cache pattern the kv_cache
 pass rewrites) are rotated: every graph over that cache (prefill, decode, a replay) must rotate both
@@ -174,8 +173,8 @@ def _set_sdpa_scale(node: fx.Node, scale: float) -> None:
 def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -> RotateKVResult:
     """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph; with
     values=False q and K only (V's cache and the attention output stay as they are). low_precision:
-    the ±1 Hadamard in the model's dtype where exact (module docstring); False: float32 everywhere (the
-    form the kv_cache pass can absorb into its kernels)."""
+    the ±1 Hadamard in the model's dtype where exact (module docstring); False: the float32 form
+    everywhere (the reference the tests compare the ±1 form with)."""
     graph = qgraph.gm.graph
     weights = set(qgraph.weights)
     result = RotateKVResult()

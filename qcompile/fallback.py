@@ -6,6 +6,7 @@ anything else is our limitation, so the graph runs in FP and the report says why
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -15,6 +16,37 @@ import torch
 import torch.fx as fx
 
 log = logging.getLogger("qoq")
+
+
+def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "default"):
+    """Inductor's compile_fx over a rewritten graph, with the qoq ops' schemas in its cache key.
+
+    Inductor's on-disk caches key a graph by its ops with trailing default arguments normalized away,
+    not by the ops' schemas: after a qoq op lost an optional argument, a warm cache served code that
+    still passed it ("expected at most 7 argument(s) but received 8"). With the schemas of the qoq ops
+    the graph calls in the key (torch.compiler.config.cache_key_tag), a changed op compiles afresh.
+    """
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+    from torch.compiler import config as compiler_config
+
+    tag = ":".join(t for t in (compiler_config.cache_key_tag, qoq_schema_tag(gm)) if t)
+    with compiler_config.patch(cache_key_tag=tag):
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
+
+
+def _qoq_schemas(target) -> list[str]:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "qoq":
+        return [str(target._schema)]
+    if isinstance(target, torch._ops.OpOverloadPacket) and target._qualified_op_name.startswith("qoq::"):
+        return [str(getattr(target, name)._schema) for name in target.overloads()]
+    return []
+
+
+def qoq_schema_tag(gm: fx.GraphModule) -> str:
+    """A short hash of the schemas of the torch.ops.qoq ops `gm` calls ("" for none)."""
+    schemas = sorted({s for n in gm.graph.nodes if n.op == "call_function" for s in _qoq_schemas(n.target)})
+    return "qoq-ops-" + hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16] if schemas else ""
 
 
 class QoQFallbackWarning(UserWarning):
@@ -260,10 +292,7 @@ class FallbackGuard:
             return self._inductor(example_inputs)
 
     def _inductor(self, example_inputs: list):
-        from torch._inductor import list_mode_options
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(self.qgraph.gm, example_inputs, config_patches=list_mode_options(self.config.mode))
+        return inductor_compile(self.qgraph.gm, example_inputs, self.config.mode)
 
     def restore_fp(self, reason: str, exc: BaseException) -> None:
         """Put the FP graph back, drop the constants the passes added, and mark every layer FP with `reason`."""

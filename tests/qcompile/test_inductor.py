@@ -190,3 +190,29 @@ def test_regional_compilation_of_repeated_blocks_gets_each_blocks_weights():
             err = float((b(x) - ref).norm() / ref.norm())
             assert err < 0.2  # 4-bit noise ~0.07; another block's weights give ~1.1
     assert len(qcompile.report(blocks).graphs) == 3
+
+
+def test_inductor_cache_key_carries_the_qoq_op_schemas(monkeypatch):
+    """Inductor's caches normalize trailing default arguments away, so a qoq op whose schema changed
+    could be served stale code: the schemas of the graph's qoq ops go into torch.compile's cache key
+    tag for the compile, beside any tag the user set, and only for graphs that call qoq ops."""
+    import torch._inductor.compile_fx as cfx
+    import torch.fx as fx
+    from torch.compiler import config as compiler_config
+
+    import lowering.activation_quant  # noqa: F401  (registers qoq.quantize_act_int8)
+    from qcompile.fallback import inductor_compile, qoq_schema_tag
+
+    def with_op(x):
+        return torch.ops.qoq.quantize_act_int8(x, "reference")[0]
+
+    tagged, plain = fx.symbolic_trace(with_op), fx.symbolic_trace(lambda x: x * 2)
+    tag = qoq_schema_tag(tagged)
+    assert tag.startswith("qoq-ops-") and qoq_schema_tag(plain) == ""
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: seen.append(compiler_config.cache_key_tag))
+    with compiler_config.patch(cache_key_tag="users-own"):
+        inductor_compile(tagged, [torch.randn(2, 8)])
+        inductor_compile(plain, [torch.randn(2, 8)])
+    assert seen == [f"users-own:{tag}", "users-own"]
+    assert compiler_config.cache_key_tag == ""  # restored after the compile
