@@ -24,6 +24,9 @@ class QoQConfig:
     kernels: str = "auto"
     inductor: bool = True
     mode: str = "default"
+    # Inductor config patches for the compile of the rewritten graph, on top of `mode`'s, as
+    # ((key, value), ...): torch.compile refuses its own `options` beside backend="qoq".
+    inductor_config: tuple[tuple[str, Any], ...] = ()
     # fnmatch patterns over module FQNs of layers left in FP (the report says why).
     skip_layers: tuple[str, ...] = ("lm_head", "*.lm_head")
     calibration: Any = None  # statistics from qcompile.calibrate(...)
@@ -99,7 +102,7 @@ _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernel
                 "fuse_gemms")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "rotate_kv", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha", "rotate_kv_values")
-_OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict")
+_OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict", "inductor_config")
 
 
 def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> QoQConfig:
@@ -151,12 +154,29 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             raise QoQConfigError(f"option quiet={value!r}: expected True, False or None (None: bars only on a terminal)")
         if key == "strict" and not isinstance(value, bool):
             raise QoQConfigError(f"option strict={value!r}: expected True or False")
+        if key == "inductor_config":
+            value = _inductor_patches(value)
         if key == "artifact" and value is not None and not isinstance(value, str):
             raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
         fields[key] = value
     if fields.get("artifact") is not None:
         fields = _from_artifact(fields, given)
     return QoQConfig(**fields)
+
+
+def _inductor_patches(value: Any) -> tuple[tuple[str, Any], ...]:
+    """options['inductor_config'] (a dict of torch._inductor.config keys) as sorted pairs, each key checked."""
+    import torch._inductor.config as inductor_config
+
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise QoQConfigError(f"option inductor_config={value!r}: expected a dict of torch._inductor.config "
+                             "keys to values, e.g. {'split_reductions': False}")
+    known = inductor_config.get_config_copy()
+    unknown = sorted(k for k in value if k not in known)
+    if unknown:
+        raise QoQConfigError(f"option inductor_config: {unknown} are not torch._inductor.config keys "
+                             "(dotted names for nested ones, e.g. 'triton.cudagraphs')")
+    return tuple(sorted(value.items()))
 
 
 # Fields added after artifact version 3, with the behaviour of the qoq that wrote an artifact without them.

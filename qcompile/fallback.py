@@ -18,8 +18,9 @@ import torch.fx as fx
 log = logging.getLogger("qoq")
 
 
-def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "default"):
-    """Inductor's compile_fx over a rewritten graph, with the qoq ops' schemas in its cache key.
+def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "default", patches: tuple = ()):
+    """Inductor's compile_fx over a rewritten graph (config: `mode`'s, then `patches`, the option
+    inductor_config), with the qoq ops' schemas in its cache key.
 
     Inductor's on-disk caches key a graph by its ops with trailing default arguments normalized away,
     not by the ops' schemas: after a qoq op lost an optional argument, a warm cache served code that
@@ -32,7 +33,7 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "defa
 
     tag = ":".join(t for t in (compiler_config.cache_key_tag, qoq_schema_tag(gm)) if t)
     with compiler_config.patch(cache_key_tag=tag):
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
+        return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), **dict(patches)})
 
 
 def _qoq_schemas(target) -> list[str]:
@@ -292,7 +293,7 @@ class FallbackGuard:
             return self._inductor(example_inputs)
 
     def _inductor(self, example_inputs: list):
-        return inductor_compile(self.qgraph.gm, example_inputs, self.config.mode)
+        return inductor_compile(self.qgraph.gm, example_inputs, self.config.mode, self.config.inductor_config)
 
     def restore_fp(self, reason: str, exc: BaseException) -> None:
         """Put the FP graph back, drop the constants the passes added, and mark every layer FP with `reason`."""

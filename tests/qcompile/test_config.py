@@ -31,6 +31,15 @@ def test_bad_value_names_the_key(key, value):
         make_config({key: value})
 
 
+def test_inductor_config_is_checked_against_inductors_keys():
+    cfg = make_config({"inductor_config": {"split_reductions": False, "triton.cudagraphs": True}})
+    assert cfg.inductor_config == (("split_reductions", False), ("triton.cudagraphs", True))
+    with pytest.raises(QoQConfigError, match=r"inductor_config: \['split_reduction'\] are not"):
+        make_config({"inductor_config": {"split_reduction": False}})
+    with pytest.raises(QoQConfigError, match="expected a dict"):
+        make_config({"inductor_config": ["split_reductions"]})
+
+
 def test_unknown_and_planned_recipes_are_clear_errors():
     with pytest.raises(QoQConfigError, match="unknown; available recipes"):
         make_config({"recipe": "int3"})

@@ -216,3 +216,24 @@ def test_inductor_cache_key_carries_the_qoq_op_schemas(monkeypatch):
         inductor_compile(plain, [torch.randn(2, 8)])
     assert seen == [f"users-own:{tag}", "users-own"]
     assert compiler_config.cache_key_tag == ""  # restored after the compile
+
+
+def test_inductor_config_option_reaches_compile_fx(monkeypatch):
+    """options={"inductor_config": {...}} patches Inductor's config on top of the mode's."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    real = cfx.compile_fx
+    def spy(gm, inputs, **kw):
+        seen.append(kw.get("config_patches"))  # compile_fx calls itself again without them
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch._dynamo.reset()
+    model = _tiny_llama()
+    compiled = torch.compile(model, backend="qoq", options={
+        "recipe": "w4a8-g128", "kernels": "reference", "mode": "max-autotune-no-cudagraphs",
+        "inductor_config": {"split_reductions": False}})
+    with torch.no_grad():
+        compiled(torch.randint(0, 64, (1, 5)))
+    assert seen and seen[0]["split_reductions"] is False and seen[0]["max_autotune"] is True
