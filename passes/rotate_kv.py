@@ -96,7 +96,8 @@ def rotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 def unrotate_rows(x: torch.Tensor, h: torch.Tensor, gain: int = 1) -> torch.Tensor:
-    """x [..., D] @ hᵀ / gain: undoes `rotate_rows` (h hᵀ = gain·I; 1/gain a power of two, exact)."""
+    """x [..., D] @ hᵀ / gain: undoes `rotate_rows` (h hᵀ = gain·I; the division exact when gain is a
+    power of two)."""
     if h.dtype == x.dtype:
         return (x @ h.t()) * (1.0 / gain)
     return (x.float() @ h.float().t()).to(x.dtype)
@@ -158,16 +159,19 @@ def _plan(node: fx.Node, weights: set[str]) -> tuple[Optional[tuple], str]:
     return (kc, vc, kw, vw, int(d)), ""
 
 
-def _sdpa_scale(node: fx.Node, head_dim: int) -> float:
+def _divide_sdpa_scale(node: fx.Node, head_dim: int, gain: int) -> None:
+    """SDPA's scale (1/√head_dim when not given) divided by gain; a scale computed in the graph gets a
+    division node of its own."""
     scale = _arg(node, 6, "scale")
-    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-
-
-def _set_sdpa_scale(node: fx.Node, scale: float) -> None:
-    if len(node.args) > 6:
-        node.update_arg(6, scale)
+    if isinstance(scale, fx.Node):
+        with node.graph.inserting_before(node):
+            new = node.graph.call_function(operator.truediv, (scale, gain))
     else:
-        node.update_kwarg("scale", scale)
+        new = (1.0 / math.sqrt(head_dim) if scale is None else float(scale)) / gain
+    if len(node.args) > 6:
+        node.update_arg(6, new)
+    else:
+        node.update_kwarg("scale", new)
 
 
 def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -> RotateKVResult:
@@ -196,14 +200,15 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
     first = next(n for n in graph.nodes if n.op != "placeholder")
     consts: dict[int, fx.Node] = {}
     done: set[fx.Node] = set()  # caches whose writes are rotated already (read by several SDPAs)
+    form_of: dict[fx.Node, tuple] = {}  # K cache -> (head_dim, dtype) of the H its writes got
     for node, (kc, vc, kw, vw, d) in plans.items():
         q = _arg(node, 0, "query")
-        # The ±1 form needs one half-precision dtype for q and the written K / V, and a constant scale.
+        # The ±1 form needs one half-precision dtype for q and the written K / V.
         dtype = _val(q).dtype
-        if any(_val(w.args[i]).dtype != dtype for w, i in kw + vw) or not isinstance(
-                _arg(node, 6, "scale"), (float, int, type(None))):
+        if any(_val(w.args[i]).dtype != dtype for w, i in kw + vw):
             dtype = torch.float32
-        key = (d, dtype)
+        # a cache read by several SDPAs keeps the form its writes were rotated with
+        key = form_of.setdefault(kc, (d, dtype))
         if key not in consts:
             h, gain = kv_rotation_operand(d, dtype, low_precision)
             # "kv4." stems are runtime state to an artifact: its replay re-runs this pass and makes H again.
@@ -211,7 +216,7 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
             consts[key] = (qgraph.add_constant(stem, h.to(_val(q).device), before=first), gain)
         hn, gain = consts[key]
         if gain != 1:  # (q H')(k H')ᵀ = gain · q kᵀ
-            _set_sdpa_scale(node, _sdpa_scale(node, d) / gain)
+            _divide_sdpa_scale(node, d, gain)
         for cache, writes in ((kc, kw), (vc, vw)) if values else ((kc, kw),):
             if cache in done:
                 continue
