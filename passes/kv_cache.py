@@ -298,15 +298,16 @@ def kv_cache(
                      "append_after": append.name}))
         if release_fp_cache:
             result.to_release += [kc.name, vc.name]
-    # A cache passed in and written here that no SDPA reads: attention spelled without SDPA (eager
-    # attention; Gemma-2's logit soft-capping picks it), which would otherwise leave the cache 16-bit
-    # with nothing said.
+    # A cache passed in and written here that no SDPA reads in a way matched above: attention spelled
+    # without SDPA (eager attention; Gemma-2's logit soft-capping picks it) or K/V heads rearranged
+    # otherwise. Either would leave the cache 16-bit with nothing said.
     for cache in writes:
         if cache.op == "placeholder" and cache not in read_by_sdpa:
             skip(f"KV cache {_cache_name(cache)}",
-                 "written in the graph but read by no scaled_dot_product_attention (eager attention, e.g. "
-                 "attn_implementation='eager' or Gemma-2's logit soft-capping): it stays 16-bit. Load the model "
-                 "with attn_implementation='sdpa' where it supports it")
+                 "written in the graph but not read by a scaled_dot_product_attention the KV4 rewrite "
+                 "recognizes (eager attention, e.g. attn_implementation='eager' or Gemma-2's logit "
+                 "soft-capping, or K/V heads arranged other than repeat_kv / enable_gqa): it stays 16-bit. "
+                 "Load the model with attn_implementation='sdpa' where it supports it")
     if result.rewritten:
         graph.lint()
         gm.recompile()
