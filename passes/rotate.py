@@ -66,13 +66,21 @@ def hadamard_matrix(n: int) -> torch.Tensor | None:
     return None
 
 
+def randomized_hadamard(n: int, seed: int = 0) -> torch.Tensor | None:
+    """hadamard_matrix(n) with seeded random column signs, scaled to be orthogonal; None where there is none."""
+    h = hadamard_matrix(n)
+    if h is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+    return (h * signs[None, :]) / math.sqrt(n)
+
+
 def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
     """Orthogonal [n, n]: Hadamard with random signs for powers of two, else a seeded random orthogonal."""
-    g = torch.Generator().manual_seed(seed)
     if n & (n - 1) == 0:
-        h = hadamard_matrix(n)
-        signs = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
-        return (h * signs[None, :]) / math.sqrt(n)
+        return randomized_hadamard(n, seed)
+    g = torch.Generator().manual_seed(seed)
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return (q * torch.sign(torch.diagonal(r))[None, :]).float()
 

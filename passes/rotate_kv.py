@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from passes.rotate import hadamard_matrix, rotation_matrix
+from passes.rotate import randomized_hadamard, rotation_matrix
 from qcompile.capture import QGraph
 
 _SDPA = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -68,21 +68,18 @@ def kv_rotation(head_dim: int) -> torch.Tensor:
     """The orthogonal [D, D] used for K, q and V of every attention with this head_dim: a Hadamard
     with random column signs where passes.rotate.hadamard_matrix builds one (powers of two, and e.g.
     80 and 96), else a seeded random orthogonal matrix."""
-    h = hadamard_matrix(head_dim)
-    if h is None or head_dim & (head_dim - 1) == 0:  # powers of two: the matrix rotation_matrix made
-        return rotation_matrix(head_dim, seed=ROTATION_SEED)
-    g = torch.Generator().manual_seed(ROTATION_SEED)
-    signs = torch.randint(0, 2, (head_dim,), generator=g).float() * 2 - 1
-    return h * signs[None, :] / math.sqrt(head_dim)
+    h = randomized_hadamard(head_dim, seed=ROTATION_SEED)
+    return rotation_matrix(head_dim, seed=ROTATION_SEED) if h is None else h
 
 
 def kv_rotation_operand(head_dim: int, dtype: torch.dtype, low_precision: bool = True) -> tuple[torch.Tensor, int]:
     """(H as the graph's matmuls take it, gain) with H Hᵀ = gain·I: the unscaled ±1 Hadamard in `dtype`
     (gain head_dim) where that is exact and allowed, else kv_rotation in float32 (gain 1)."""
     h = kv_rotation(head_dim)
-    signs = (h * math.sqrt(head_dim)).round()
+    scaled = h * math.sqrt(head_dim)
+    signs = scaled.round()
     if (low_precision and dtype in (torch.bfloat16, torch.float16)
-            and torch.allclose(h * math.sqrt(head_dim), signs, atol=1e-5)):  # a Hadamard: ±1 after scaling
+            and torch.allclose(scaled, signs, atol=1e-5)):  # a Hadamard: ±1 after scaling
         return signs.to(dtype), head_dim
     return h, 1
 
@@ -198,7 +195,7 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
                               for n in sdpas}
             return result
     first = next(n for n in graph.nodes if n.op != "placeholder")
-    consts: dict[int, fx.Node] = {}
+    consts: dict[tuple, tuple[fx.Node, int]] = {}  # (head_dim, dtype) -> (H constant, gain)
     done: set[fx.Node] = set()  # caches whose writes are rotated already (read by several SDPAs)
     form_of: dict[fx.Node, tuple] = {}  # K cache -> (head_dim, dtype) of the H its writes got
     for node, (kc, vc, kw, vw, d) in plans.items():
