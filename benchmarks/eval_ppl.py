@@ -63,7 +63,6 @@ VARIANTS: dict[str, dict | None] = {
     "qoq-chn (W4A8KV4)": {"recipe": "qoq-chn"},
     "qoq + rotate (W4A8KV4)": {"recipe": "qoq", "rotate": True},
     "qoq + rotate - smooth (W4A8KV4)": {"recipe": "qoq", "rotate": True, "smooth": False},
-    "qoq + rotate (KV16)": {"recipe": "qoq", "rotate": True, "kv_bits": 16},
     "qoq-chn + rotate + gptq (W4A8KV4)": {"recipe": "qoq-chn", "rotate": True, "gptq": True},
     # SmoothAttention now reaches K through the static cache (it was skipped in every KV4 graph before).
     "qoq + smooth_attention (W4A8KV4)": {"recipe": "qoq", "smooth_attention": True},
@@ -291,6 +290,186 @@ def kv_probe(model, evals, calib, names: list[str]) -> list[dict]:
     return rows
 
 
+# --gptq-probe rows. Every W4 row is progressive g128 (the `qoq` recipe's format and protective range),
+# per-token int8 inputs on all 210 decoder linears; the GPTQ rows reorder input channels as `reorder`
+# does and run passes/gptq.gptq over the searched grid with the recipe's damping, keeping
+# round-to-nearest where it has the lower error on the sampled calibration rows (as search_weights).
+GPTQ_PROBE = {
+    "FP": None,
+    "A8 only": "a8",
+    "W4A8 RTN": "rtn",
+    "W4A8 grid search (reorder, no GPTQ)": "grid",
+    "W4A8 GPTQ, one-shot FP Hessians": "oneshot",
+    "W4A8 GPTQ, sequential Hessians": "sequential",
+    "W4A8 GPTQ, sequential within layers": "sequential-stages",
+}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _decoder_inputs(model, layers, calib) -> list[tuple[torch.Tensor, dict]]:
+    """Each calibration window's input to the first decoder layer (hidden states and the keyword
+    arguments the model passes every layer), so layers can then be run one at a time."""
+    got = []
+
+    def grab(module, args, kwargs):
+        kw = dict(kwargs)
+        h = args[0] if args else kw.pop("hidden_states")
+        got.append((h.detach(), kw))
+        raise _StopForward
+
+    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for c in calib:
+                try:
+                    model(c, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        hook.remove()
+    return got
+
+
+def _run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    out = layer(h, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def gptq_probe(model, evals: dict[str, list[torch.Tensor]], calib, names: list[str]) -> list[dict]:
+    """Does GPTQ gain from sequential Hessians? Eager model, weights fake-quantized in place with
+    passes/gptq's math: "one-shot" takes every linear's Hessian from the FP model in one calibration
+    pass (qcompile.calibrate, what the backend uses); "sequential" quantizes decoder layer by layer,
+    each layer's Hessians from the inputs the already-quantized earlier layers (W4 and A8) produce,
+    its own weights FP; "within layers" also quantizes a layer's linears in stages (those reading one
+    input together: q/k/v, o, gate/up, down), each stage seeing the earlier stages quantized."""
+    import qcompile
+    from passes.gptq import GPTQ_DAMP, fake_quantize, gptq, search_grid
+    from qcompile.calibrate_api import HessianLayerStats
+    from qcompile.config import make_config
+
+    config = make_config({"recipe": "qoq"})
+    layers = model.model.layers
+    linears = {n: m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    fp_weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+    a8_on: set[str] = set()
+
+    def a8_hook(name):
+        def hook(module, args):
+            return (fake_a8(args[0]),) + tuple(args[1:]) if name in a8_on else None
+        return hook
+
+    hooks = [m.register_forward_pre_hook(a8_hook(n)) for n, m in linears.items()]
+
+    def quantize_linear(name: str, ls, how: str) -> None:
+        w = fp_weights[name].float()
+        if how == "rtn":
+            deq = fake_quantize(w, config)
+        else:
+            # `reorder`: input channels by descending activation maximum, so groups hold alike channels.
+            perm = torch.argsort(ls.absmax, descending=True, stable=True)
+            wp, x = w[:, perm], ls.samples[:, perm].float()
+            if how == "grid":
+                deq_p = search_grid(wp, config, torch.diagonal(ls.hessian)[perm] / ls.tokens)[1]
+            else:
+                deq_p = gptq(wp, ls.hessian[perm][:, perm], config, None, damp=GPTQ_DAMP, grid=True)[1]
+            rtn = fake_quantize(wp, config)
+            if (x @ (wp - deq_p).t()).pow(2).sum() > (x @ (wp - rtn).t()).pow(2).sum():
+                deq_p = rtn
+            deq = torch.empty_like(w)
+            deq[:, perm] = deq_p
+        with torch.no_grad():
+            linears[name].weight.copy_(deq)
+        a8_on.add(name)
+
+    def record(names_: list[str]) -> tuple[dict, list]:
+        stats, hs = {}, []
+        for n in names_:
+            k = linears[n].in_features
+            stats[n] = HessianLayerStats(torch.zeros(k), torch.zeros((0, k)), hessian=torch.zeros(k, k), max_rows=512)
+            # Registered after the A8 hook, but a stage's own linears have A8 off: FP inputs, as calibrate.
+            hs.append(linears[n].register_forward_pre_hook(lambda mod, args, n=n: stats[n].update(args[0])))
+        return stats, hs
+
+    def sequential(stages: bool) -> None:
+        inputs = _decoder_inputs(model, layers, calib)
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                prefix = f"model.layers.{i}."
+                names_i = [n for n in linears if n.startswith(prefix)]
+                groups = [names_i]
+                if stages:
+                    # Linears in the order they run; consecutive ones reading one tensor are one stage.
+                    order: list[tuple[str, int]] = []
+                    hs = [linears[n].register_forward_pre_hook(lambda mod, args, n=n: order.append((n, id(args[0]))))
+                          for n in names_i]
+                    _run_layer(layer, *inputs[0])
+                    for h in hs:
+                        h.remove()
+                    groups = []
+                    for n, key in order:
+                        if groups and groups[-1][1] == key:
+                            groups[-1][0].append(n)
+                        else:
+                            groups.append(([n], key))
+                    groups = [g for g, _ in groups]
+                for group in groups:
+                    stats, hs = record(group)
+                    for h, kw in inputs:
+                        _run_layer(layer, h, kw)
+                    for h in hs:
+                        h.remove()
+                    for n in group:
+                        quantize_linear(n, stats[n], "gptq")
+                inputs = [(_run_layer(layer, h, kw), kw) for h, kw in inputs]
+
+    rows = []
+    try:
+        for name in names:
+            how = GPTQ_PROBE[name]
+            t0 = time.time()
+            with torch.no_grad():
+                for n, m in linears.items():
+                    m.weight.copy_(fp_weights[n])
+            a8_on.clear()
+            if how == "a8":
+                a8_on.update(linears)
+            elif how in ("rtn", "grid", "oneshot"):
+                stats = None if how == "rtn" else qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False,
+                                                                     hessian=True)
+                for n in linears:
+                    quantize_linear(n, None if stats is None else stats.layers[n], "gptq" if how == "oneshot" else how)
+            elif how is not None:
+                sequential(how == "sequential-stages")
+            t1 = time.time()
+            row = {"variant": f"gptq probe: {name}", "quantize_seconds": round(t1 - t0, 1)}
+            for text, wins in evals.items():
+                row[f"ppl {text}"] = perplexity(model, wins)
+            row["seconds"] = round(time.time() - t0, 1)
+            rows.append(row)
+            print(f"{row['variant']:52s} " + "  ".join(f"{k} {v:8.3f}" for k, v in row.items() if k.startswith("ppl "))
+                  + f"  ({row['seconds']} s)", flush=True)
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(fp_weights[n])
+    return rows
+
+
+def second_text() -> tuple[str, str]:
+    """English Python documentation (pydoc_data/topics.py, ships with CPython): the probes' second text."""
+    import pydoc_data.topics
+
+    path = pydoc_data.topics.__file__
+    with open(path, encoding="utf-8") as f:
+        return f.read(), path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows")
@@ -307,7 +486,16 @@ def main() -> None:
     ap.add_argument("--probe-rows", default=";".join(KV_PROBE),
                     help="with --kv-probe, rows separated by ';' (names hold commas) from: " + "; ".join(KV_PROBE)
                          + " (KV16 always runs first)")
+    ap.add_argument("--gptq-probe", action="store_true",
+                    help="only the GPTQ probe (eager, fake-quant W4A8 g128): one-shot FP Hessians against sequential ones")
+    ap.add_argument("--gptq-probe-rows", default=";".join(GPTQ_PROBE),
+                    help="with --gptq-probe, rows separated by ';' from: " + "; ".join(GPTQ_PROBE) + " (FP always runs first)")
+    ap.add_argument("--second-text-windows", type=int, default=8,
+                    help="with --gptq-probe, windows of pydoc_data/topics.py evaluated too (0: none)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import qcompile
 
@@ -326,6 +514,27 @@ def main() -> None:
             "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
             "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.gptq_probe:
+        wanted = [r.strip() for r in args.gptq_probe_rows.split(";")]
+        unknown = [r for r in wanted if r not in GPTQ_PROBE]
+        if unknown:
+            sys.exit(f"unknown --gptq-probe-rows {unknown}; choose from: {'; '.join(GPTQ_PROBE)}")
+        texts = {os.path.basename(text_path): evals}
+        if args.second_text_windows:
+            text2, path2 = second_text()
+            texts[os.path.basename(path2)] = windows(tok, text2, args.second_text_windows, args.length)
+            meta["second_text"] = path2
+            meta["second_text_tokens"] = sum(w.numel() for w in texts[os.path.basename(path2)])
+        rows = gptq_probe(model, texts, calib, ["FP"] + [r for r in wanted if r != "FP"])
+        for row in rows:
+            for key in [k for k in row if k.startswith("ppl ")]:
+                row[f"vs_fp_pct {key[4:]}"] = round(100 * (row[key] / rows[0][key] - 1), 2)
+            print(f"{row['variant']:52s} " + "  ".join(f"{k[4:]} {row[k]:8.3f} ({row['vs_fp_pct ' + k[4:]]:+6.2f}%)"
+                                                     for k in row if k.startswith("ppl ")), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        return
     if args.kv_probe:
         wanted = [r.strip() for r in args.probe_rows.split(";")]
         unknown = [r for r in wanted if r not in KV_PROBE]
