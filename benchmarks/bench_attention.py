@@ -198,6 +198,13 @@ def bench_shape(batch: int, length: int, bandwidth: float, sweep: bool, args, hq
         times["kv4_pure_triton_unpack"] = None
         print(f"  pure-Triton unpack: {type(e).__name__}: {e}", file=sys.stderr)
 
+    # The default config at other split counts, with the decode graph's boolean mask: whether the split
+    # rule's choice is the best one at this shape (short contexts at small batch leave most SMs idle).
+    by_splits = {}
+    for n in args.splits:
+        by_splits[n] = gtime([lambda c=c: kv4_attention_triton(q, *c, pos, attn_mask=mask, num_splits=n)
+                              for c in cache_copies], max(4, args.calls // 2), max(3, args.reps // 2))
+
     swept = []
     if sweep:
         timed: dict = {}  # (family, splits) -> ms, or None where it failed
@@ -222,7 +229,7 @@ def bench_shape(batch: int, length: int, bandwidth: float, sweep: bool, args, hq
         "kv4_bytes": kv4_bytes, "bf16_bytes": bf16_bytes,
         "kv4_floor_ms": kv4_bytes / bandwidth * 1e3, "bf16_floor_ms": bf16_bytes / bandwidth * 1e3,
         "max_abs_err_vs_spec": err, "rel_err_vs_spec": rel, "bf16_sdpa_err_vs_spec": fp_err,
-        "sweep": swept, "sweep_best": best,
+        "sweep": swept, "sweep_best": best, "bool_mask_ms_by_splits": by_splits,
     }
     sdpa_times = [t for n, t in times.items() if n.startswith("sdpa") and t is not None]
     ours_ms = statistics.median([times["kv4_op"], times["kv4_op_again"]]) if times["kv4_op"] else None
@@ -306,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-config", default=None, help="with --sweep: write the fitted decode config here")
     ap.add_argument("--calls", type=int, default=20, help="calls captured per CUDA graph")
     ap.add_argument("--reps", type=int, default=10, help="graph replays timed")
+    ap.add_argument("--splits", default="", help="comma-separated split counts to time the default config "
+                    "at, with a boolean mask, beside the split rule's choice")
     ap.add_argument("--tiny", action="store_true", help="correctness path only, toy sizes (CPU interpreter)")
     args = ap.parse_args(argv)
+    args.splits = [int(n) for n in args.splits.split(",") if n]
 
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "triton": triton.__version__}
@@ -336,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             rows.append(bench_shape(b, l, bandwidth, args.sweep, args, hq, hkv))
             r = rows[-1]
-            print(f"  B={b} L={l} {hq}/{hkv}: kv4 {r['ms']['kv4_op']:.4f} ms, sdpa {r['ms']['sdpa_gqa_bf16']} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(f"  B={b} L={l} {hq}/{hkv}: kv4 {r['ms']['kv4_op']:.4f} ms, bool mask {r['ms']['kv4_op_bool_mask']:.4f} "
+                  f"at {r['config']['num_splits']} splits, sdpa {r['ms']['sdpa_gqa_bf16']} ({time.time() - t0:.0f} s)"
+                  + "".join(f"; {n} splits {t:.4f}" for n, t in r["bool_mask_ms_by_splits"].items()), flush=True)
             with open(args.out, "w") as f:  # after every shape, so a run cut short still leaves its rows
                 json.dump({**meta, "device": name, "copy_bandwidth_Bps": bandwidth, "rows": rows}, f, indent=1)
         print_table(rows)

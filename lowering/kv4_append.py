@@ -92,22 +92,12 @@ def kv4_append_reference(
 
 
 @triton.jit
-def _kv4_quantize_store_kernel(
-    X, DATA, META, POS,
-    sxb, sxh, sxt, sxd,          # new K or V [B, Hkv, T, D]
-    sdb, sdh, sdl, sdd,          # data [B, Hkv, L, D/2]
-    smb, smh, sml, smc,          # meta [B, Hkv, L, 2]
-    Hkv, T, L, D2,
-    BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
-):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // Hkv
-    h = pid_bh % Hkv
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _quantize_store(X, DATA, META, pos, w_ok, b, h, t, t_ok,
+                    sxb, sxh, sxt, sxd, sdb, sdh, sdl, sdd, smb, smh, sml, smc, D2,
+                    BLOCK_D2: tl.constexpr):
+    """Quantize rows t of X[b, h] and store codes, scale and zero at `pos` of one cache (K or V)."""
     d = tl.arange(0, BLOCK_D2)
-    t_ok = t < T
     ok = t_ok[:, None] & (d < D2)[None, :]
-
     xp = X + b * sxb + h * sxh + t[:, None] * sxt
     lo = tl.load(xp + d[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
     hi = tl.load(xp + (d + D2)[None, :] * sxd, mask=ok, other=0.0).to(tl.float32)
@@ -127,8 +117,6 @@ def _kv4_quantize_store_kernel(
     q_hi = tl.where(pos_s[:, None], tl.minimum(tl.maximum(q_hi, 0.0), 15.0), 0.0).to(tl.int32)
     byte = (q_lo | (q_hi << 4)).to(tl.uint8)
 
-    pos = tl.load(POS + t, mask=t_ok, other=0)
-    w_ok = t_ok & (pos >= 0) & (pos < L)
     dp = DATA + b * sdb + h * sdh + pos[:, None] * sdl + d[None, :] * sdd
     tl.store(dp, byte, mask=w_ok[:, None] & (d < D2)[None, :])
     mp = META + b * smb + h * smh + pos * sml
@@ -136,16 +124,44 @@ def _kv4_quantize_store_kernel(
     tl.store(mp + smc, zero16, mask=w_ok)
 
 
-def _quantize_store_triton(x: torch.Tensor, data: torch.Tensor, meta: torch.Tensor, pos: torch.Tensor) -> None:
-    b, h, t, d = x.shape
+@triton.jit
+def _kv4_quantize_store_kernel(
+    K, KDATA, KMETA, V, VDATA, VMETA, POS,
+    skb, skh, skt, skd,          # new K [B, Hkv, T, D]
+    svb, svh, svt, svd,          # new V [B, Hkv, T, D]
+    sdb, sdh, sdl, sdd,          # K's data [B, Hkv, L, D/2]
+    smb, smh, sml, smc,          # K's meta [B, Hkv, L, 2]
+    sdb2, sdh2, sdl2, sdd2,      # V's data
+    smb2, smh2, sml2, smc2,      # V's meta
+    Hkv, T, L, D2,
+    BLOCK_T: tl.constexpr, BLOCK_D2: tl.constexpr,
+):
+    # K and V of a (batch, head, token block) in one program: one launch a layer instead of two,
+    # which at a decode step (one token) is most of what the append costs.
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    pos = tl.load(POS + t, mask=t_ok, other=0)
+    w_ok = t_ok & (pos >= 0) & (pos < L)
+    _quantize_store(K, KDATA, KMETA, pos, w_ok, b, h, t, t_ok, skb, skh, skt, skd,
+                    sdb, sdh, sdl, sdd, smb, smh, sml, smc, D2, BLOCK_D2)
+    _quantize_store(V, VDATA, VMETA, pos, w_ok, b, h, t, t_ok, svb, svh, svt, svd,
+                    sdb2, sdh2, sdl2, sdd2, smb2, smh2, sml2, smc2, D2, BLOCK_D2)
+
+
+def _quantize_store_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, k_meta: torch.Tensor,
+                           v_cache: torch.Tensor, v_meta: torch.Tensor, pos: torch.Tensor) -> None:
+    b, h, t, d = k.shape
     d2 = d // 2
     block_d2 = triton.next_power_of_2(d2)
     block_t = max(1, min(triton.next_power_of_2(t), 4096 // block_d2, 64))
     grid = (b * h, cdiv(t, block_t))
     _kv4_quantize_store_kernel[grid](
-        x, data, meta, pos,
-        *x.stride(), *data.stride(), *meta.stride(),
-        h, t, data.shape[2], d2,
+        k, k_cache, k_meta, v, v_cache, v_meta, pos,
+        *k.stride(), *v.stride(), *k_cache.stride(), *k_meta.stride(), *v_cache.stride(), *v_meta.stride(),
+        h, t, k_cache.shape[2], d2,
         BLOCK_T=block_t, BLOCK_D2=block_d2,
     )
 
@@ -168,8 +184,7 @@ def kv4_append(
         return
     if use_triton(k, kernels):
         pos = cache_position.to(device=k.device, dtype=torch.int64).contiguous()
-        _quantize_store_triton(k, k_cache, k_meta, pos)
-        _quantize_store_triton(v, v_cache, v_meta, pos)
+        _quantize_store_triton(k, v, k_cache, k_meta, v_cache, v_meta, pos)
     else:
         kv4_append_reference(k, v, k_cache, k_meta, v_cache, v_meta, cache_position)
 

@@ -21,7 +21,8 @@ from runtime.registry import GraphRecord, LayerRecord
 
 # Config fields that describe the runtime, not the numbers: an artifact does not fix them.
 RUNTIME_FIELDS = ("kernels", "inductor", "mode", "calibration", "artifact", "release_fp_weights",
-                  "release_fp_cache", "fuse_gemms", "debug_dir", "quiet", "strict", "inductor_config")
+                  "release_fp_cache", "fuse_gemms", "debug_dir", "quiet", "strict", "inductor_config",
+                  "persistent_reduction_numel")
 _FP_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 GEMM_ROLES = {3: "qweight", 4: "wscale", 5: "gscale", 6: "gzero"}  # qoq.w4a8_gemm argument -> role
 # per-channel ops the passes put between a layer's input and its quantization

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from lowering.dispatch import KERNEL_CHOICES
@@ -27,6 +27,10 @@ class QoQConfig:
     # Inductor config patches for the compile of the rewritten graph, on top of `mode`'s, as
     # ((key, value), ...): torch.compile refuses its own `options` beside backend="qoq".
     inductor_config: tuple[tuple[str, Any], ...] = ()
+    # Row reductions (norms, activation quantization) over at most this many elements compile into
+    # one kernel that holds the row in registers (Inductor's persistent reduction); None: Inductor's
+    # own limit (1024 elements), above which a row is read in a loop, several times.
+    persistent_reduction_numel: Optional[int] = None
     # fnmatch patterns over module FQNs of layers left in FP (the report says why).
     skip_layers: tuple[str, ...] = ("lm_head", "*.lm_head")
     calibration: Any = None  # statistics from qcompile.calibrate(...)
@@ -102,7 +106,7 @@ _OPTION_KEYS = ("recipe", "calibration", "kv_bits", "weight_group_size", "kernel
                 "fuse_gemms")
 _PASS_FLAGS = ("smooth", "smooth_attention", "reorder", "rotate", "rotate_kv", "gptq", "clip_search")
 _OPTION_KEYS = _OPTION_KEYS + _PASS_FLAGS + ("smooth_alphas", "smooth_attention_alpha", "rotate_kv_values")
-_OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict", "inductor_config")
+_OPTION_KEYS = _OPTION_KEYS + ("debug_dir", "quiet", "strict", "inductor_config", "persistent_reduction_numel")
 
 
 def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> QoQConfig:
@@ -156,6 +160,9 @@ def make_config(options: Optional[dict] = None, mode: Optional[str] = None) -> Q
             raise QoQConfigError(f"option strict={value!r}: expected True or False")
         if key == "inductor_config":
             value = _inductor_patches(value)
+        if key == "persistent_reduction_numel" and value is not None and (type(value) is not int or not 1 <= value <= 65536):
+            raise QoQConfigError(f"option persistent_reduction_numel={value!r}: expected an int in [1, 65536] (elements "
+                                 "of a row reduction kept in registers) or None for Inductor's own limit")
         if key == "artifact" and value is not None and not isinstance(value, str):
             raise QoQConfigError(f"option artifact={value!r}: expected a path (str) or None")
         fields[key] = value

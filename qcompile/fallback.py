@@ -6,11 +6,13 @@ anything else is our limitation, so the graph runs in FP and the report says why
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 import warnings
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -18,22 +20,56 @@ import torch.fx as fx
 log = logging.getLogger("qoq")
 
 
-def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "default", patches: tuple = ()):
+def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "default", patches: tuple = (),
+                     persistent_numel: Optional[int] = None):
     """Inductor's compile_fx over a rewritten graph (config: `mode`'s, then `patches`, the option
-    inductor_config), with the qoq ops' schemas in its cache key.
+    inductor_config), with the qoq ops' schemas in its cache key; `persistent_numel` (the option
+    persistent_reduction_numel) raises the row length up to which a reduction is one-pass.
 
     Inductor's on-disk caches key a graph by its ops with trailing default arguments normalized away,
     not by the ops' schemas: after a qoq op lost an optional argument, a warm cache served code that
     still passed it ("expected at most 7 argument(s) but received 8"). With the schemas of the qoq ops
     the graph calls in the key (torch.compiler.config.cache_key_tag), a changed op compiles afresh.
+    The reduction rule is not an Inductor config key either, so it goes into the tag too.
     """
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.virtualized import V
     from torch.compiler import config as compiler_config
 
-    tag = ":".join(t for t in (compiler_config.cache_key_tag, qoq_schema_tag(gm)) if t)
-    with compiler_config.patch(cache_key_tag=tag):
+    rule = f"qoq-persistent-{persistent_numel}" if persistent_numel is not None else ""
+    tag = ":".join(t for t in (compiler_config.cache_key_tag, qoq_schema_tag(gm), rule) if t)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(compiler_config.patch(cache_key_tag=tag))
+        if persistent_numel is not None:
+            stack.enter_context(V.set_choices_handler(persistent_reduction_choices(persistent_numel)))
         return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), **dict(patches)})
+
+
+def persistent_reduction_choices(limit: int):
+    """Inductor's choices with one change: a row reduction (norm, absmax of a quantization) of at most
+    `limit` elements is a persistent reduction, one program holding its row in registers.
+
+    Inductor's own limit is 1024 elements. Above it, a row is read in a loop once per reduction
+    (RMSNorm's sum of squares, the quantization's absmax, then the codes), and at a decode step's
+    one to a few rows a single program per row then streams it three times from L2; with
+    split_reductions the sums go to extra kernels instead.
+    """
+    from torch._inductor.choices import InductorChoices
+
+    class RowReductionChoices(InductorChoices):
+        def should_use_persistent_reduction(self, features, cooperative_reduction: bool) -> bool:
+            from torch._inductor import config
+            from torch._inductor.runtime.hints import ReductionHint
+
+            numel = features.reduction_numel
+            if (config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER
+                    and (isinstance(numel, int) or getattr(numel, "is_number", False)) and int(numel) <= limit):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+    return RowReductionChoices()
 
 
 def _qoq_schemas(target) -> list[str]:
@@ -293,7 +329,8 @@ class FallbackGuard:
             return self._inductor(example_inputs)
 
     def _inductor(self, example_inputs: list):
-        return inductor_compile(self.qgraph.gm, example_inputs, self.config.mode, self.config.inductor_config)
+        return inductor_compile(self.qgraph.gm, example_inputs, self.config.mode, self.config.inductor_config,
+                                self.config.persistent_reduction_numel)
 
     def restore_fp(self, reason: str, exc: BaseException) -> None:
         """Put the FP graph back, drop the constants the passes added, and mark every layer FP with `reason`."""

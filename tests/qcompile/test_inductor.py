@@ -237,3 +237,48 @@ def test_inductor_config_option_reaches_compile_fx(monkeypatch):
     with torch.no_grad():
         compiled(torch.randint(0, 64, (1, 5)))
     assert seen and seen[0]["split_reductions"] is False and seen[0]["max_autotune"] is True
+
+
+def test_persistent_reduction_numel_option_sets_inductors_choices(monkeypatch):
+    """options={"persistent_reduction_numel": N}: during the compile Inductor asks our choices whether
+    a row reduction is one-pass, they say yes for inner reductions up to N elements (and defer to
+    Inductor otherwise), and the rule is in the cache key tag."""
+    from types import SimpleNamespace
+
+    import torch._inductor.compile_fx as cfx
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+    from torch.compiler import config as compiler_config
+
+    from torch._inductor.choices import InductorChoices
+
+    from qcompile.fallback import persistent_reduction_choices
+
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda features, cooperative: features.reduction_numel <= 1024))
+    choices = persistent_reduction_choices(16384)
+    row = lambda n, hint=ReductionHint.INNER: SimpleNamespace(  # noqa: E731
+        reduction_numel=n, get_reduction_hint=lambda: hint)
+    assert choices.should_use_persistent_reduction(row(4096), False)
+    assert choices.should_use_persistent_reduction(row(14336), False)
+    assert choices.should_use_persistent_reduction(row(512, ReductionHint.OUTER), False)  # Inductor's answer
+    assert not choices.should_use_persistent_reduction(row(32768), False)
+    assert not choices.should_use_persistent_reduction(row(4096), True)  # cooperative: Inductor's rule
+    assert not choices.should_use_persistent_reduction(row(4096, ReductionHint.OUTER), False)
+    monkeypatch.undo()
+
+    seen = []
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, **kw):
+        seen.append((type(V.choices).__name__, compiler_config.cache_key_tag))
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    torch._dynamo.reset()
+    compiled = torch.compile(_tiny_llama(), backend="qoq", options={
+        "recipe": "w4a8-g128", "kernels": "reference", "persistent_reduction_numel": 16384})
+    with torch.no_grad():
+        compiled(torch.randint(0, 64, (1, 5)))
+    assert seen and seen[0][0] == "RowReductionChoices" and "qoq-persistent-16384" in seen[0][1]
+    assert type(V.choices).__name__ != "RowReductionChoices"  # restored after the compile
