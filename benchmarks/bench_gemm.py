@@ -596,6 +596,8 @@ def main():
     p.add_argument("--out", default=None, help="write the rows (and the sweep) as JSON here")
     p.add_argument("--m", type=int, nargs="*", default=MS)
     p.add_argument("--quick", action="store_true", help="first two shapes only")
+    p.add_argument("--shapes", default=None, help="NxK,... weight shapes instead of Llama-3-8B's four "
+                   "(e.g. the fused q/k/v 6144x4096 and gate/up 28672x4096)")
     p.add_argument("--formats", nargs="*", default=["g128", "chn"])
     p.add_argument("--sweep", action="store_true", help="time every candidate config, keep the best")
     p.add_argument("--configs-out", default=None, help="with --sweep: write the tuned configs JSON here")
@@ -615,7 +617,10 @@ def main():
                                     "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit()},
                            "act_quant": rows}, f, indent=1)
         return
-    a.shapes = SHAPES[:2] if a.quick else SHAPES
+    if a.shapes:
+        a.shapes = [tuple(int(v) for v in spec.lower().split("x")) for spec in a.shapes.split(",")]
+    else:
+        a.shapes = SHAPES[:2] if a.quick else SHAPES
     if a.precompile:
         # N and K are runtime arguments (specialized only on divisibility, the same for every shape
         # here), so one shape compiles every variant the others will use.

@@ -776,30 +776,39 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-# GPUs on a chip we hold tables for, read with that chip's tables when they have none of their own:
-# the H200 is the H100's GH100 die with the same 132 SMs and more, faster HBM, so we expect the same
-# tiles to be good there (not swept on an H200: the tables' gains over the heuristics are not measured there).
+# GPUs on a chip we hold tables for, read with that chip's tables where they have none of their own:
+# the H200 is the H100's GH100 die with the same 132 SMs and more, faster HBM. Its own table (swept
+# for the small-M buckets, where the faster HBM moves the best tiles) goes first; what it lacks
+# comes from the H100's.
 SAME_CHIP = {"nvidia-h200": "nvidia-h100-80gb-hbm3"}
+
+
+def _twin(slug: str):
+    return next((t for family, t in SAME_CHIP.items() if slug.startswith(family)), None)
 
 
 def tuned_config_file(prefix: str, device_name: str) -> str:
     """lowering/configs/{prefix}{slug}.json for this GPU, or its same-chip twin's file when it has none."""
     slug = device_slug(device_name)
     path = os.path.join(CONFIG_DIR, f"{prefix}{slug}.json")
-    if not os.path.exists(path):
-        twin = next((t for family, t in SAME_CHIP.items() if slug.startswith(family)), None)
-        if twin is not None:
-            return os.path.join(CONFIG_DIR, f"{prefix}{twin}.json")
+    if not os.path.exists(path) and _twin(slug) is not None:
+        return os.path.join(CONFIG_DIR, f"{prefix}{_twin(slug)}.json")
     return path
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned_table(index: int) -> dict:
-    path = tuned_config_file("", torch.cuda.get_device_name(index))
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+def _tuned_tables(index: int) -> tuple:
+    """The GEMM config tables for device `index`, most specific first: its own, then its twin's."""
+    slug = device_slug(torch.cuda.get_device_name(index))
+    tables = []
+    for name in (slug, _twin(slug)):
+        path = os.path.join(CONFIG_DIR, f"{name}.json") if name else None
+        if path and os.path.exists(path):
+            with open(path) as f:
+                table = json.load(f)
+            if table.get("layout", PACK_LAYOUT) == PACK_LAYOUT:
+                tables.append(table)
+    return tuple(tables)
 
 
 def heuristic_config(M: int, N: int, K: int, sms: int = 132, gemv: bool = True) -> dict:
@@ -825,11 +834,12 @@ def heuristic_config(M: int, N: int, K: int, sms: int = 132, gemv: bool = True) 
 @functools.lru_cache(maxsize=4096)
 def choose_config(bucket: str, N: int, K: int, progressive: bool, device_index: int, M_hint: int) -> tuple:
     """The config for an M bucket and weight shape on a CUDA device, as a tuple of CONFIG_KEYS."""
-    table = _tuned_table(device_index)
+    tables = _tuned_tables(device_index)
     fmt = "progressive" if progressive else "per_channel"
-    cfg = table.get("configs", {}).get(fmt, {}).get(f"{N},{K}", {}).get(bucket)
+    # this shape's tuned config (own table, then the twin's), then the bucket's best over shapes
+    cfg = next((c for t in tables if (c := t.get("configs", {}).get(fmt, {}).get(f"{N},{K}", {}).get(bucket))), None)
     if cfg is None:
-        cfg = table.get("default", {}).get(fmt, {}).get(bucket)
+        cfg = next((c for t in tables if (c := t.get("default", {}).get(fmt, {}).get(bucket))), None)
     if cfg is None:
         cfg = heuristic_config(M_hint, N, K, _sm_count(device_index))
     return tuple(cfg.get(k, d) for k, d in zip(CONFIG_KEYS, CONFIG_DEFAULTS))

@@ -48,12 +48,13 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "defa
 
 def persistent_reduction_choices(limit: int):
     """Inductor's choices with one change: a row reduction (norm, absmax of a quantization) of at most
-    `limit` elements is a persistent reduction, one program holding its row in registers.
+    `limit` elements is one persistent kernel, each program holding its row in registers, not split.
 
-    Inductor's own limit is 1024 elements. Above it, a row is read in a loop once per reduction
-    (RMSNorm's sum of squares, the quantization's absmax, then the codes), and at a decode step's
-    one to a few rows a single program per row then streams it three times from L2; with
-    split_reductions the sums go to extra kernels instead.
+    Inductor's own limit is 1024 elements. Above it a row is read in a loop once per reduction
+    (RMSNorm's sum of squares, the quantization's absmax, then the codes), and at a decode step's one
+    to a few rows split_reductions spreads the sums over two or three kernels. Measured on an H200
+    (Llama-3-8B shapes, BENCHMARKS.md, seventh session): add + RMSNorm + int8 quantization 4.1 -> 2.8
+    us and SiLU·mul + quantization 7.2 -> 5.2 us a layer at batch 1, three kernels a layer fewer.
     """
     from torch._inductor.choices import InductorChoices
 
@@ -68,6 +69,14 @@ def persistent_reduction_choices(limit: int):
                     and (isinstance(numel, int) or getattr(numel, "is_number", False)) and int(numel) <= limit):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+        def reduction_split_factor(self, device, reduction_numel_hint: int, numel_hint: int,
+                                   inner_reduction: bool) -> int:
+            # Such a row is not split over several programs either (split_reductions would, at one
+            # to a few rows): the split costs two more kernels, more than it saves on a row this short.
+            if inner_reduction and reduction_numel_hint <= limit:
+                return 1
+            return InductorChoices.reduction_split_factor(device, reduction_numel_hint, numel_hint, inner_reduction)
 
     return RowReductionChoices()
 

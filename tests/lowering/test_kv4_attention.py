@@ -272,3 +272,5 @@ def test_split_rule_fills_one_wave():
     # under a quarter wave with 512-token splits: down to 128-token splits (4×2048: 4 -> 16 splits)
     assert split_count(cfg, 4 * 8, 2048, 8, 132) == 16
     assert split_count(cfg, 32 * 8, 1024, 8, 132) == 2  # 512 programs: a quarter wave, keep 512 tokens
+    # the decode default since the seventh session: one 64-token tile a program at batch 1 (1×1280: 20)
+    assert split_count({**cfg, "SHORT_SPLIT_LEN": 64}, 8, 1280, 8, 132) == 20

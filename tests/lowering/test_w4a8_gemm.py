@@ -182,7 +182,7 @@ def test_tuned_configs_are_read_per_gpu_and_fall_back(tmp_path, monkeypatch):
     monkeypatch.setattr(wg, "CONFIG_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU 80GB")
     monkeypatch.setattr(wg, "_sm_count", lambda index: 132)
-    wg._tuned_table.cache_clear()
+    wg._tuned_tables.cache_clear()
     wg.choose_config.cache_clear()
     try:
         exact = dict(zip(wg.CONFIG_KEYS, wg.choose_config(wg.m_bucket(9), 4096, 4096, True, 0, 9)))
@@ -192,7 +192,7 @@ def test_tuned_configs_are_read_per_gpu_and_fall_back(tmp_path, monkeypatch):
         no_entry = dict(zip(wg.CONFIG_KEYS, wg.choose_config("big", 4096, 4096, False, 0, 4096)))
         assert no_entry == dict(zip(wg.CONFIG_KEYS, wg.choose_config.__wrapped__("big", 1, 1, False, 0, 4096)))
     finally:
-        wg._tuned_table.cache_clear()
+        wg._tuned_tables.cache_clear()
         wg.choose_config.cache_clear()
     assert wg.m_bucket(1) == "1" and wg.m_bucket(17) == "64" and wg.m_bucket(5000) == "big"
 
@@ -209,7 +209,37 @@ def test_an_h200_reads_the_h100_tables_when_it_has_none_of_its_own(tmp_path, mon
     (tmp_path / "kv4-attention-nvidia-h200.json").write_text("{}")  # its own table wins once it exists
     assert os.path.basename(wg.tuned_config_file("kv4-attention-", "NVIDIA H200")) == "kv4-attention-nvidia-h200.json"
     # another chip does not borrow: no table, the heuristics
-    assert os.path.basename(wg.tuned_config_file("", "NVIDIA A100-SXM4-80GB")) == "nvidia-a100-sxm4-80gb.json"
+    assert os.path.basename(wg.tuned_config_file("", "NVIDIA H100 PCIe")) == "nvidia-h100-pcie.json"
+
+
+def test_gemm_configs_of_an_h200_come_first_from_its_own_table_then_the_h100s(tmp_path, monkeypatch):
+    """The H200's table holds what was swept on it (small M); the H100's fills the rest."""
+    import json
+
+    import lowering.w4a8_gemm as wg
+
+    own = {"layout": wg.PACK_LAYOUT, "configs": {"progressive": {"4096,4096": {"1": dict(BLOCK_N=8, GEMV=True)}}},
+           "default": {"progressive": {"1": dict(BLOCK_N=2, GEMV=True)}}}
+    twin = {"layout": wg.PACK_LAYOUT,
+            "configs": {"progressive": {"4096,4096": {"1": dict(BLOCK_N=4, GEMV=True), "256": dict(BLOCK_M=128)},
+                                        "6144,4096": {"1": dict(BLOCK_N=16, GEMV=True)}}},
+            "default": {"progressive": {"1": dict(BLOCK_N=32, GEMV=True), "256": dict(BLOCK_M=64)}}}
+    (tmp_path / "nvidia-h200.json").write_text(json.dumps(own))
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text(json.dumps(twin))
+    monkeypatch.setattr(wg, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    monkeypatch.setattr(wg, "_sm_count", lambda index: 132)
+    wg._tuned_tables.cache_clear()
+    wg.choose_config.cache_clear()
+    try:
+        pick = lambda bucket, n: dict(zip(wg.CONFIG_KEYS, wg.choose_config(bucket, n, 4096, True, 0, 1)))  # noqa: E731
+        assert pick("1", 4096)["BLOCK_N"] == 8  # its own tuned shape
+        assert pick("1", 6144)["BLOCK_N"] == 16  # the twin's tuned shape beats its own bucket default
+        assert pick("1", 28672)["BLOCK_N"] == 2  # no tuned shape anywhere: its own bucket default
+        assert pick("256", 4096)["BLOCK_M"] == 128  # a bucket it did not sweep: the twin's
+    finally:
+        wg._tuned_tables.cache_clear()
+        wg.choose_config.cache_clear()
 
 
 def test_shipped_configs_name_known_keys_and_fit_their_buckets():

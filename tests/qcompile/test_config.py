@@ -54,7 +54,8 @@ def test_options_reach_the_backend_through_torch_compile():
 
 def test_persistent_reduction_numel_is_checked():
     assert make_config({"persistent_reduction_numel": 16384}).persistent_reduction_numel == 16384
-    assert make_config({}).persistent_reduction_numel is None
+    assert make_config({}).persistent_reduction_numel == 16384
+    assert make_config({"persistent_reduction_numel": None}).persistent_reduction_numel is None
     for bad in (0, 1.5, "4096", 1 << 20):
         with pytest.raises(QoQConfigError, match="persistent_reduction_numel"):
             make_config({"persistent_reduction_numel": bad})

@@ -241,8 +241,8 @@ def test_inductor_config_option_reaches_compile_fx(monkeypatch):
 
 def test_persistent_reduction_numel_option_sets_inductors_choices(monkeypatch):
     """options={"persistent_reduction_numel": N}: during the compile Inductor asks our choices whether
-    a row reduction is one-pass, they say yes for inner reductions up to N elements (and defer to
-    Inductor otherwise), and the rule is in the cache key tag."""
+    a row reduction is one-pass and whether to split it; inner reductions up to N elements are
+    persistent and unsplit (Inductor decides the rest), and the rule is in the cache key tag."""
     from types import SimpleNamespace
 
     import torch._inductor.compile_fx as cfx
@@ -265,6 +265,11 @@ def test_persistent_reduction_numel_option_sets_inductors_choices(monkeypatch):
     assert not choices.should_use_persistent_reduction(row(32768), False)
     assert not choices.should_use_persistent_reduction(row(4096), True)  # cooperative: Inductor's rule
     assert not choices.should_use_persistent_reduction(row(4096, ReductionHint.OUTER), False)
+    monkeypatch.setattr(InductorChoices, "reduction_split_factor",
+                        staticmethod(lambda device, rnumel, numel, inner: 8))
+    assert choices.reduction_split_factor("cuda", 14336, 1, True) == 1  # a row we keep whole
+    assert choices.reduction_split_factor("cuda", 1 << 20, 1, True) == 8  # Inductor's rule
+    assert choices.reduction_split_factor("cuda", 4096, 1, False) == 8
     monkeypatch.undo()
 
     seen = []
