@@ -443,7 +443,7 @@ def gptq_probe(model, evals: dict[str, list[torch.Tensor]], calib, names: list[s
             a8_on.clear()
             if how == "a8":
                 a8_on.update(linears)
-            elif not how.startswith("sequential"):
+            elif how is not None and not how.startswith("sequential"):
                 stats = None if how == "rtn" else qcompile.calibrate(model, calib, {"recipe": "qoq"}, progress=False,
                                                                      hessian=True)
                 for n in linears:
