@@ -208,19 +208,6 @@ def _attend_tile(
             vw = tl.load(vp, mask=e_ok[None, :], other=0)
         km = tl.load(kmbase + n * skml)
         vm = tl.load(vmbase + n * svml)
-    # The mask is loaded with the tile, not after the scores: its latency then overlaps the K/V loads
-    # instead of sitting between the QK dot and the softmax.
-    if HAS_MASK and MASK_ROW:  # one mask row for all the program's rows (mrow: its start), read once
-        if MASK_BOOL:  # read as bytes: True = attend
-            keep = tl.load(mrow + n * sml, mask=n_ok, other=1)
-        else:
-            add = tl.load(mrow + n * sml, mask=n_ok, other=0.0)
-    elif HAS_MASK:
-        mp = mrow[:, None] + n[None, :] * sml
-        if MASK_BOOL:
-            keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
-        else:
-            add = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0)
 
     k0, k1, k2, k3 = _unpack_pairs(kw, CODE, USE_ASM)
     if DOT_F32:
@@ -235,16 +222,19 @@ def _attend_tile(
     ks = k_scale * qk_scale
     kz = (k_zero - BIAS * k_scale) * qk_scale
     s = s * ks[None, :] + q_sum[:, None] * kz[None, :]
-    if HAS_MASK and MASK_ROW:
-        if MASK_BOOL:
+    if HAS_MASK and MASK_ROW:  # one mask row for all the program's rows (mrow: its start), read once
+        if MASK_BOOL:  # read as bytes: True = attend
+            keep = tl.load(mrow + n * sml, mask=n_ok, other=1)
             s = tl.where(keep[None, :] != 0, s, float("-inf"))
         else:
-            s += (add.to(tl.float32) * 1.4426950408889634)[None, :]
+            s += (tl.load(mrow + n * sml, mask=n_ok, other=0.0).to(tl.float32) * 1.4426950408889634)[None, :]
     elif HAS_MASK:
+        mp = mrow[:, None] + n[None, :] * sml
         if MASK_BOOL:
+            keep = tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=1)
             s = tl.where(keep != 0, s, float("-inf"))
         else:
-            s += add.to(tl.float32) * 1.4426950408889634
+            s += tl.load(mp, mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32) * 1.4426950408889634
     if MASKED:
         s = tl.where(n[None, :] <= lim[:, None], s, float("-inf"))
 

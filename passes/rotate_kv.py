@@ -14,8 +14,9 @@ function is kept (up to float rounding); only the 4-bit cache benefits, so the m
 only when kv_bits == 4, just before the kv_cache pass, which then finds the same write / SDPA pattern
 with the rotated tensors as the written source and the query.
 
-Run-time cost: two [D, D] matmuls per attention (rotate_rows of the written K and of q), four with
-values=True (rotate_rows of the written V, unrotate_rows of the output). V carries little of the KV4
+Run-time cost: two [D, D] matmuls per attention (rotate_rows of the written K and of q, one launch
+where they can be side by side: rotate_rows_pair), four with values=True (rotate_rows of the written
+V, unrotate_rows of the output). V carries little of the KV4
 loss, so the config's rotate_kv_values is off by default (ACCURACY.md). (Applying H inside the KV4
 kernels instead was built, measured slower on an H200 and removed: benchmarks/NOTES.md, v5.)
 
@@ -90,6 +91,14 @@ def rotate_rows(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     if h.dtype == x.dtype:
         return x @ h
     return (x.float() @ h.float()).to(x.dtype)
+
+
+def rotate_rows_pair(q: torch.Tensor, k: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rotate_rows of q [B, Hq, T, D] and k [B, Hkv, T, D] (an attention's query and the key it writes)
+    as one matmul over their heads side by side: a decode step's two [D, D] products are each a few
+    rows, so one launch instead of two halves their cost (the concatenation can fuse into RoPE)."""
+    both = rotate_rows(torch.cat([q, k], dim=1), h)
+    return both[:, :q.shape[1]], both[:, q.shape[1]:]
 
 
 def unrotate_rows(x: torch.Tensor, h: torch.Tensor, gain: int = 1) -> torch.Tensor:
@@ -171,6 +180,31 @@ def _divide_sdpa_scale(node: fx.Node, head_dim: int, gain: int) -> None:
         node.update_kwarg("scale", new)
 
 
+def _merge_rotations(graph: fx.Graph, qrot: fx.Node, krot: fx.Node) -> None:
+    """Replace an attention's q rotation and its written K's rotation by one rotate_rows_pair, where the
+    two have the same batch, length, head_dim and dtype and q exists before K is written (as in every
+    decoder layer: RoPE makes both, then the cache is written, then read)."""
+    q, k, hn = qrot.args[0], krot.args[0], qrot.args[1]
+    qv, kv = _val(q), _val(k)
+    if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4 or qv.dtype != kv.dtype:
+        return
+    if (qv.shape[0], qv.shape[2], qv.shape[3]) != (kv.shape[0], kv.shape[2], kv.shape[3]):
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    if order[q] > order[krot]:
+        return
+    with graph.inserting_before(krot):
+        pair = graph.call_function(rotate_rows_pair, (q, k, hn))
+        q2 = graph.call_function(operator.getitem, (pair, 0))
+        k2 = graph.call_function(operator.getitem, (pair, 1))
+    pair.meta["example_value"] = (qv, kv)
+    q2.meta["example_value"], k2.meta["example_value"] = qv, kv
+    qrot.replace_all_uses_with(q2)
+    krot.replace_all_uses_with(k2)
+    graph.erase_node(qrot)
+    graph.erase_node(krot)
+
+
 def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -> RotateKVResult:
     """Rotate q, K and V of each SDPA that reads K and V from caches written in this graph; with
     values=False q and K only (V's cache and the attention output stay as they are). low_precision:
@@ -198,6 +232,10 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
     consts: dict[tuple, tuple[fx.Node, int]] = {}  # (head_dim, dtype) -> (H constant, gain)
     done: set[fx.Node] = set()  # caches whose writes are rotated already (read by several SDPAs)
     form_of: dict[fx.Node, tuple] = {}  # K cache -> (head_dim, dtype) of the H its writes got
+    readers = {}  # K cache -> how many SDPAs read it
+    for kc, *_ in plans.values():
+        readers[kc] = readers.get(kc, 0) + 1
+    pairs = []  # (q rotation, K rotation) of an SDPA whose cache has one write and one reader
     for node, (kc, vc, kw, vw, d) in plans.items():
         q = _arg(node, 0, "query")
         # The ±1 form needs one half-precision dtype for q and the written K / V.
@@ -214,6 +252,7 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
         hn, gain = consts[key]
         if gain != 1:  # (q H')(k H')ᵀ = gain · q kᵀ
             _divide_sdpa_scale(node, d, gain)
+        k_rots = []
         for cache, writes in ((kc, kw), (vc, vw)) if values else ((kc, kw),):
             if cache in done:
                 continue
@@ -224,10 +263,14 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
                     rot = graph.call_function(rotate_rows, (src, hn))
                 rot.meta["example_value"] = _val(src)
                 w.update_arg(i, rot)
+                if cache is kc:
+                    k_rots.append(rot)
         with graph.inserting_before(node):
             qrot = graph.call_function(rotate_rows, (q, hn))
         qrot.meta["example_value"] = _val(q)
         node.replace_input_with(q, qrot)
+        if len(k_rots) == 1 and readers[kc] == 1:
+            pairs.append((qrot, k_rots[0]))
         if values:
             with graph.inserting_after(node):
                 back = graph.call_function(unrotate_rows, (node, hn, gain))
@@ -235,6 +278,8 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
             # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
             node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         result.rotated.append(node.name)
+    for qrot, krot in pairs:
+        _merge_rotations(graph, qrot, krot)
     if result.rotated:
         graph.lint()
         qgraph.gm.recompile()

@@ -62,16 +62,17 @@ def _run(model, backend, prompt: int = 6, steps: int = 2, seed: int = 0, dtype: 
        values=st.booleans())
 def test_rotate_kv_keeps_the_fp_output_prefill_and_decode(kind, seed, kv_heads, values):
     """values=False rotates q and K only: two matmuls an attention instead of four."""
-    from passes.rotate_kv import rotate_rows, unrotate_rows
+    from passes.rotate_kv import rotate_rows, rotate_rows_pair, unrotate_rows
 
     model = make_model(kind, seed=seed, kv_heads=kv_heads)
     backend = _Backend(values=values)
     errs = _run(model, backend, seed=seed)
     assert max(errs) < 1e-5, errs
     assert backend.results and all(len(r.rotated) == 2 and not r.skipped for r in backend.results), backend.results
-    for gm in backend.graphs:  # 2 attentions: q, K (and V and the output back)
-        fns = [n.target for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
-        assert fns.count(rotate_rows) == (6 if values else 4) and fns.count(unrotate_rows) == (2 if values else 0)
+    for gm in backend.graphs:  # 2 attentions: q and K in one matmul (and V and the output back)
+        fns = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert fns.count(rotate_rows_pair) == 2
+        assert fns.count(rotate_rows) == (2 if values else 0) and fns.count(unrotate_rows) == (2 if values else 0)
 
 
 @settings(max_examples=6, deadline=None)
@@ -82,7 +83,7 @@ def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, val
     the ±1 Hadamard in the model's dtype (H·Hᵀ = D·I), SDPA's scale is divided by D, and the output is
     as close to the unrotated model's as with the float32 orthonormal H: both round each rotated
     vector once."""
-    from passes.rotate_kv import rotate_rows, unrotate_rows
+    from passes.rotate_kv import rotate_rows, rotate_rows_pair, unrotate_rows
 
     model = make_model("llama", hidden=4 * d, seed=seed, kv_heads=2).to(dtype)  # 4 heads of d
     exact, fp32 = _Backend(values=values), _Backend(values=values, low_precision=False)
@@ -90,8 +91,8 @@ def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, val
     errs_fp32 = _run(model, fp32, seed=seed, dtype=dtype)
     assert max(errs) < 2 * max(errs_fp32) + 2e-3, (errs, errs_fp32)
     for gm in exact.graphs:
-        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (rotate_rows, unrotate_rows)]
-        h = getattr(gm, calls[0].args[1].target)
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is rotate_rows_pair]
+        h = getattr(gm, calls[0].args[2].target)
         assert h.dtype == dtype and torch.equal(h.float().abs(), torch.ones(d, d))
         assert torch.equal((h.float() @ h.float().t()), d * torch.eye(d))
         sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and "scaled_dot_product" in str(n.target)]
@@ -107,12 +108,27 @@ def test_kv_cache_pass_still_rewrites_the_rotated_graph(values):
     backend = _Backend(then_kv4=True, values=values)
     errs = _run(model, backend)
     assert all(r.rewritten == 2 for r in backend.kv), [r.records for r in backend.kv]
-    # rotate_kv's matmuls stay around the KV4 ops
-    from passes.rotate_kv import rotate_rows
+    # rotate_kv's matmuls stay around the KV4 ops: q and K in one per layer, V's (values) apart
+    from passes.rotate_kv import rotate_rows, rotate_rows_pair
 
-    assert all(any(n.op == "call_function" and n.target is rotate_rows for n in gm.graph.nodes)
-               for gm in backend.graphs)
+    for gm in backend.graphs:
+        targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+        assert targets.count(rotate_rows_pair) == 2 and targets.count(rotate_rows) == (2 if values else 0)
     assert max(errs) < 0.1, errs  # now with K/V read back from the 4-bit cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_matmul_for_q_and_k_rotates_as_two_did(dtype):
+    """rotate_rows_pair gives q and K the rotations that two rotate_rows calls give."""
+    from passes.rotate_kv import kv_rotation_operand, rotate_rows, rotate_rows_pair
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 5, 64, generator=g).to(dtype)
+    k = torch.randn(3, 2, 5, 64, generator=g).to(dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    h, _ = kv_rotation_operand(64, dtype)
+    q2, k2 = rotate_rows_pair(q, k, h)
+    torch.testing.assert_close(q2, rotate_rows(q, h), rtol=0, atol=0)
+    torch.testing.assert_close(k2, rotate_rows(k, h), rtol=0, atol=0)
 
 
 def test_attention_without_cache_is_left_alone():
