@@ -83,7 +83,7 @@ def test_half_precision_models_rotate_with_the_exact_unscaled_hadamard(seed, val
     the ±1 Hadamard in the model's dtype (H·Hᵀ = D·I), SDPA's scale is divided by D, and the output is
     as close to the unrotated model's as with the float32 orthonormal H: both round each rotated
     vector once."""
-    from passes.rotate_kv import rotate_rows, rotate_rows_pair, unrotate_rows
+    from passes.rotate_kv import rotate_rows_pair
 
     model = make_model("llama", hidden=4 * d, seed=seed, kv_heads=2).to(dtype)  # 4 heads of d
     exact, fp32 = _Backend(values=values), _Backend(values=values, low_precision=False)
