@@ -46,6 +46,34 @@ def test_a_mask_row_shared_by_heads_and_tokens_matches_reference(tq, kind):
     torch.testing.assert_close(tri.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_splits_whose_mask_row_hides_nothing_skip_it_and_agree(kind):
+    """The kernel scans each split's part of a [B, 1, 1, L] mask and skips the mask where it keeps
+    every slot (adds 0): a mask with holes in one split and one batch row only matches the
+    reference, and an all-keep mask gives the no-mask output bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    b, hkv, group, d, length, filled = 2, 2, 4, 32, 600, 590
+    caches, _, _ = _filled_cache(b, hkv, length, d, filled, g, torch.bfloat16)
+    q = torch.randn(b, hkv * group, 1, d, generator=g).to(torch.bfloat16).to(DEVICE)
+    pos = torch.tensor([filled - 1], device=DEVICE)
+    if kind == "bool":
+        neutral = torch.ones(b, 1, 1, length, dtype=torch.bool)
+        mask = neutral.clone()
+        mask[1, ..., 300:340] = False  # padding-like holes in the second split of row 1 only
+    else:
+        neutral = torch.zeros(b, 1, 1, length)
+        mask = neutral.clone()
+        mask[1, ..., 300:340] = -2.5
+    ref = kv4_attention_reference(q, *caches, pos, mask.to(DEVICE))
+    for splits in (1, 4):  # one split scans 590 slots in several MASK_SCAN steps
+        tri = kv4_attention_triton(q, *caches, pos, mask.to(DEVICE), num_splits=splits, block_n=16)
+        torch.testing.assert_close(tri.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        plain = kv4_attention_triton(q, *caches, pos, None, num_splits=splits, block_n=16)
+        kept = kv4_attention_triton(q, *caches, pos, neutral.to(DEVICE), num_splits=splits, block_n=16)
+        assert torch.equal(kept, plain)
+        assert not torch.equal(tri[1], plain[1]) and torch.equal(tri[0], plain[0])
+
+
 @given(
     b=st.integers(1, 2), hkv=st.integers(1, 3), group=st.sampled_from([1, 2, 4, 5]),
     d=st.sampled_from([16, 32, 48, 64]), length=st.integers(1, 150), tq=st.integers(1, 9),
