@@ -160,6 +160,31 @@ def test_gpu_configs_match_reference(warps, block_n, stages, lazy, b, length, gr
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_gpu_decode_mask_row_scan_matches_reference(kind):
+    """The decode mask as transformers passes it ([B, 1, 1, L]) on the GPU, at a real head size: all
+    kept in batch row 0 (the tiles skip it), padding-like holes in row 1, with the split rule's count
+    and with one split."""
+    g = torch.Generator().manual_seed(11)
+    b, length = 3, 1300
+    caches, _, _ = _filled_cache(b, 8, length, 128, 1280, g, torch.bfloat16)
+    q = torch.randn(b, 32, 1, 128, generator=g).to(torch.bfloat16).to(DEVICE)
+    pos = torch.tensor([1279], device=DEVICE)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool) if kind == "bool" else torch.zeros(b, 1, 1, length)
+    if kind == "bool":
+        mask[1, ..., 17:400] = False
+        mask[2, ..., 1200:1203] = False
+    else:
+        mask[1, ..., 17:400] = -3.0
+        mask[2, ..., 1200:1203] = float("-inf")
+    mask = mask.to(DEVICE)
+    ref = kv4_attention_reference(q, *caches, pos, mask)
+    for splits in (None, 1):
+        out = kv4_attention_triton(q, *caches, pos, mask, num_splits=splits)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_op_dispatch_and_strided_q():
     g = torch.Generator().manual_seed(0)
     caches, _, _ = _filled_cache(2, 2, 70, 32, 40, g)
