@@ -9,10 +9,11 @@ Spellings matched (transformers' StaticCache, 4.x and 5.x): the write is `cache.
 the read is SDPA with the cache as key/value, directly (`enable_gqa` or no GQA), through repeat_kv
 (`cache[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hq, L, D)`) or `repeat_interleave(G, dim=1)`.
 
-After passes/rotate_kv, the written K (and V) and the query pass through rotate_rows (q and K through one rotate_rows_pair): the rewrite
-leaves those matmuls in the graph and quantizes the rotated rows. (Until the sixth session the KV4
-kernels could apply H themselves instead; on an H200 that was slower than the matmuls even in float32,
-and the half-precision ±1 matmuls of rotate_kv cost 2-3 us each: benchmarks/NOTES.md, v5.)
+After passes/rotate_kv, the written K (and V) and the query pass through rotate_rows (q and K
+through one rotate_rows_pair): the rewrite leaves those matmuls in the graph and quantizes the
+rotated rows. (Until the sixth session the KV4 kernels could apply H themselves instead; on an H200
+that was slower than the matmuls even in float32, and the half-precision ±1 matmuls of rotate_kv
+cost 2-3 us each: benchmarks/NOTES.md, v5.)
 """
 from __future__ import annotations
 

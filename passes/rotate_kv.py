@@ -16,9 +16,9 @@ with the rotated tensors as the written source and the query.
 
 Run-time cost: two [D, D] matmuls per attention (rotate_rows of the written K and of q, one launch
 where they can be side by side: rotate_rows_pair), four with values=True (rotate_rows of the written
-V, unrotate_rows of the output). V carries little of the KV4
-loss, so the config's rotate_kv_values is off by default (ACCURACY.md). (Applying H inside the KV4
-kernels instead was built, measured slower on an H200 and removed: benchmarks/NOTES.md, v5.)
+V, unrotate_rows of the output). V carries little of the KV4 loss, so the config's rotate_kv_values
+is off by default (ACCURACY.md). (Applying H inside the KV4 kernels instead was built, measured
+slower on an H200 and removed: benchmarks/NOTES.md, v5.)
 
 In which precision: where H is a Hadamard (head_dim a power of two, or 2^k·(p + 1) with p a prime
 ≡ 3 mod 4, such as 80 and 96) and the model is bf16 / fp16, the matmuls take it unscaled (entries ±1,
@@ -181,17 +181,17 @@ def _divide_sdpa_scale(node: fx.Node, head_dim: int, gain: int) -> None:
         node.update_kwarg("scale", new)
 
 
-def _merge_rotations(graph: fx.Graph, qrot: fx.Node, krot: fx.Node) -> None:
+def _merge_rotations(graph: fx.Graph, qrot: fx.Node, krot: fx.Node, order: dict) -> None:
     """Replace an attention's q rotation and its written K's rotation by one rotate_rows_pair, where the
     two have the same batch, length, head_dim and dtype and q exists before K is written (as in every
-    decoder layer: RoPE makes both, then the cache is written, then read)."""
+    decoder layer: RoPE makes both, then the cache is written, then read). `order`: node -> position,
+    taken before any merge (merges insert nodes but never reorder the existing ones)."""
     q, k, hn = qrot.args[0], krot.args[0], qrot.args[1]
     qv, kv = _val(q), _val(k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4 or qv.dtype != kv.dtype:
         return
     if (qv.shape[0], qv.shape[2], qv.shape[3]) != (kv.shape[0], kv.shape[2], kv.shape[3]):
         return
-    order = {n: i for i, n in enumerate(graph.nodes)}
     if order[q] > order[krot]:
         return
     with graph.inserting_before(krot):
@@ -279,8 +279,9 @@ def rotate_kv(qgraph: QGraph, values: bool = True, low_precision: bool = True) -
             # The attention output's readers take the un-rotated value; `back` itself keeps reading node.
             node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         result.rotated.append(node.name)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for qrot, krot in pairs:
-        _merge_rotations(graph, qrot, krot)
+        _merge_rotations(graph, qrot, krot, order)
     if result.rotated:
         graph.lint()
         qgraph.gm.recompile()
