@@ -364,8 +364,8 @@ def _kv4_attention_kernel(
         mrow = MASK + b * smb
     else:
         mrow = MASK + b * smb + qh * smh + t * smt
-    mask_live = False
-    if HAS_MASK and MASK_ROW:
+    mask_live = HAS_MASK  # MASK_SCAN 0: every tile reads its part of the row
+    if HAS_MASK and MASK_ROW and MASK_SCAN > 0:
         # Scan the split's part of the row once: where it keeps every slot (bool) or adds 0 (float),
         # as transformers' decode mask does without padding (its causal part is `lim` here), the
         # tiles skip it. Reading it per tile, after the scores, cost 23% at 256 x 1280 on an H200.
@@ -453,7 +453,10 @@ def _kv4_attention_merge_kernel(
 # Tuned values per GPU live in lowering/configs/kv4-attention-<gpu>.json (benchmarks/bench_attention.py
 # --sweep --write-config); DEFAULT_CONFIGS hold the H100 winners for GPUs without a table.
 # "decode": one query row block (G·Tq ≤ 16 rows), memory-bound; "prefill": more rows.
-MASK_SCAN = 256  # mask-row slots scanned a step before a split's loop (bytes for a bool mask)
+# Mask-row slots scanned a step before a split's loop (bytes for a bool mask). A split shorter than
+# one step does not scan: with 1-3 tiles the scan's load would sit before the first tile's loads
+# and spare at most three mask loads that overlap the tiles' own (batch-1 decode: 64-token splits).
+MASK_SCAN = 256
 DEFAULT_CONFIGS = {
     "decode": {"BLOCK_N": 64, "num_warps": 1, "num_stages": 2, "maxnreg": None, "LAZY": True, "CTAS_PER_SM": None,
                "MIN_SPLIT_LEN": 512, "SHORT_SPLIT_LEN": 64},
@@ -663,9 +666,11 @@ def kv4_attention_triton(
     split_len = cdiv(tiles, splits) * block_n
     splits = cdiv(length, split_len)
     args[-3], args[-2] = split_len, splits
+    consts["MASK_SCAN"] = MASK_SCAN if split_len >= MASK_SCAN else 0
     if plan_only:
         return {**{k: cfg[k] for k in ("BLOCK_N", "num_warps", "num_stages", "maxnreg", "LAZY", "MIN_SPLIT_LEN")},
-                "num_splits": splits, "resident_per_sm": resident, "programs": programs * splits}
+                "num_splits": splits, "resident_per_sm": resident, "programs": programs * splits,
+                "mask_scan": consts["MASK_SCAN"] > 0 and consts["MASK_ROW"]}
 
     if splits > 1:
         pacc = torch.empty(b, hq, tq, splits, d, dtype=torch.float32, device=q.device)

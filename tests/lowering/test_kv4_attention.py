@@ -65,7 +65,12 @@ def test_splits_whose_mask_row_hides_nothing_skip_it_and_agree(kind):
         mask = neutral.clone()
         mask[1, ..., 300:340] = -2.5
     ref = kv4_attention_reference(q, *caches, pos, mask.to(DEVICE))
-    for splits in (1, 4):  # one split scans 590 slots in several MASK_SCAN steps
+    # One split scans its 600 slots in several MASK_SCAN steps; four splits of 160 slots are shorter
+    # than one step, so their tiles read the row themselves: both paths must agree.
+    scans = {s: kv4_attention_triton(q, *caches, pos, mask.to(DEVICE), num_splits=s, block_n=16,
+                                     plan_only=True)["mask_scan"] for s in (1, 4)}
+    assert scans == {1: True, 4: False}
+    for splits in (1, 4):
         tri = kv4_attention_triton(q, *caches, pos, mask.to(DEVICE), num_splits=splits, block_n=16)
         torch.testing.assert_close(tri.float(), ref.float(), atol=2e-2, rtol=2e-2)
         plain = kv4_attention_triton(q, *caches, pos, None, num_splits=splits, block_n=16)
