@@ -100,8 +100,41 @@ def time_steps(fn, inputs: dict, a, device: str) -> dict:
                 t = time.perf_counter()
                 fn(**inputs)
                 times.append((time.perf_counter() - t) * 1e3)
-    return {"step_ms": round(statistics.median(times), 3), "first_call_s": round(first, 2),
-            "out_rms": float(out.float().pow(2).mean().sqrt())}
+    row = {"step_ms": round(statistics.median(times), 3), "first_call_s": round(first, 2),
+           "out_rms": float(out.float().pow(2).mean().sqrt())}
+    if a.profile and device == "cuda":
+        row["profile"] = profile_step(fn, inputs)
+    return row
+
+
+# Kernel name fragments -> kind, first match wins. Inductor names its kernels after what it fused.
+KINDS = (("_w4a4_gemm", "w4a4 gemm"), ("_w4a8_gemm", "w4a8 gemm"), ("_w4a8_gemv", "w4a8 gemm"),
+         ("_quantize_act_kernel", "w4a4 act quant (+L_down)"), ("_quantize_act_int8", "int8 act quant"),
+         ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
+         ("nvjet", "cuBLAS matmul"), ("cutlass", "cuBLAS matmul"), ("gemm", "cuBLAS matmul"),
+         ("gemv", "cuBLAS matmul"), ("triton_", "Inductor (norms, RoPE, GELU, residuals)"))
+
+
+def profile_step(fn, inputs: dict) -> dict:
+    """Kernel time of one step by kind (ms) and the 15 costliest kernels: where a step goes."""
+    from collections import defaultdict
+
+    with torch.no_grad():
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn(**inputs)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        kind = next((k for frag, k in KINDS if frag in e.name), "other")
+        by_kind[kind] += e.time_range.elapsed_us() / 1e3
+        by_name[e.name[:90]] += e.time_range.elapsed_us() / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"kernel_ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "kernel_ms_total": round(sum(by_kind.values()), 3), "kernels": len(kernels),
+            "top_kernels_ms": {k: round(v, 3) for k, v in top}}
 
 
 def weight_bytes(model, constants=()) -> int:
@@ -258,6 +291,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true",
                    help="weight memory only, on the CPU: one block of each kind at full width, "
                         "scaled to full depth (see weight_memory)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one step: kernel time by kind, the costliest kernels")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.gemm_configs == "sweep":
@@ -352,6 +387,10 @@ def main() -> None:
         ratio = base["step_ms"] / r["step_ms"] if base else float("nan")
         w = r.get("weights_GiB", r["weights_counted_GiB"])
         print(f"{r['method']:<20} {r['step_ms']:>9.3f} {ratio:>7.2f} {r['first_call_s']:>10.1f} {w:>11.3f}")
+    for r in results:
+        if "profile" in r:
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["profile"]["kernel_ms_by_kind"].items())
+            print(f"{r['method']} kernel ms by kind: {kinds}")
 
 
 if __name__ == "__main__":
