@@ -82,14 +82,19 @@ def dequantize_int8_weight(qweight: torch.Tensor, gscale: Optional[torch.Tensor]
 def w4a8_gemm_reference(
     x8: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     gscale: Optional[torch.Tensor], gzero: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
+    lr_act: Optional[torch.Tensor] = None, l_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The spec: exact integer accumulation (float64 holds every int8·int8 sum of K < 2^38 terms exactly)."""
+    """The spec: exact integer accumulation (float64 holds every int8·int8 sum of K < 2^38 terms exactly);
+    the low-rank branch lr_act [..., r] · l_up [r, N] (SVDQuant's 16-bit path) added in fp32 before the
+    output's rounding."""
     K = x8.shape[-1]
     w = dequantize_int8_weight(qweight, gscale, gzero, K)
     acc = x8.double() @ w.double().t()
     if gscale is None:
         acc = acc - xsum.double()[..., None] * gzero.double()
     y = acc.float() * sx[..., None] * wscale
+    if lr_act is not None:
+        y = y + lr_act.float() @ l_up.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -254,12 +259,14 @@ def _w4a8_gemm_kernel(
     # group scale s2 [N, G] uint8 and z·s2 [N, G] uint8 (progressive) or zero [N] int32 (per-channel)
     w_ptr, ws_ptr, gs_ptr, gz_ptr,
     b_ptr, y_ptr,  # bias [N] (optional), output [M, N]
+    lr_ptr, lup_ptr,  # low-rank branch (optional): X̂·L_down [M, R] and L_up [R, N], 16-bit
     # split-K only: int32 partial tiles [tiles, SPLIT_K, BLOCK_M * BLOCK_N] and one arrival counter
     # per output tile (zero between launches: the last split of a tile puts it back to zero)
     part_ptr, count_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_gn, stride_ym,
+    M, N, K, R,
+    stride_xm, stride_wn, stride_gn, stride_ym, stride_lrm, stride_lur,
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, LR_IEEE: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % 128 == 0: no K mask on the activation loads
     WORD_SCALES_OK: tl.constexpr,  # group 128, G % 4 == 0: group scales can be read as aligned 4-byte words
     VEC_SCALES: tl.constexpr,  # ... and are, at UNROLL 1 and 2 (tuned: it wins at K = 14336, loses at 4096)
@@ -383,8 +390,8 @@ def _w4a8_gemm_kernel(
         acc = tl.trans(acc)
 
     if SPLIT_K == 1:
-        _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
-                  stride_ym, PROGRESSIVE, HAS_BIAS)
+        _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, lr_ptr, lup_ptr, R, rm, rn, offs_m, offs_n,
+                  mask_m, mask_n, stride_ym, stride_lrm, stride_lur, PROGRESSIVE, HAS_BIAS, HAS_LR, BLOCK_R, LR_IEEE)
     else:
         # Serial split-K in one launch: every split stores its int32 partial tile, then counts itself
         # in; the split that arrives last adds the others' partials (integers: the sum is the
@@ -403,15 +410,18 @@ def _w4a8_gemm_kernel(
                 part = tl.load(tile_parts + s * (BLOCK_M * BLOCK_N) + cell, mask=(cell * 0 + pid_k) != s,
                                other=0, cache_modifier=".cg")
                 acc += part
-            _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
-                      stride_ym, PROGRESSIVE, HAS_BIAS)
+            _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, lr_ptr, lup_ptr, R, rm, rn, offs_m,
+                      offs_n, mask_m, mask_n, stride_ym, stride_lrm, stride_lur, PROGRESSIVE, HAS_BIAS, HAS_LR,
+                      BLOCK_R, LR_IEEE)
             tl.atomic_xchg(count_ptr + pid, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_m, offs_n, mask_m, mask_n,
-              stride_ym, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = (acc − z·Σx8 for per-channel) · sx · ws (+ bias) for a [BLOCK_M, BLOCK_N] int32 tile."""
+def _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, lr_ptr, lup_ptr, R, rm, rn, offs_m, offs_n,
+              mask_m, mask_n, stride_ym, stride_lrm, stride_lur, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr, LR_IEEE: tl.constexpr):
+    """y = (acc − z·Σx8 for per-channel) · sx · ws (+ X̂L_down·L_up) (+ bias) for a [BLOCK_M, BLOCK_N]
+    int32 tile."""
     if not PROGRESSIVE:
         # Σ x8·(q − z) = Σ x8·q − z·Σ x8
         xs = tl.load(xsum_ptr + rm)
@@ -420,6 +430,18 @@ def _epilogue(acc, sx_ptr, xsum_ptr, ws_ptr, gz_ptr, b_ptr, y_ptr, rm, rn, offs_
     sx = tl.load(sx_ptr + rm)
     ws = tl.load(ws_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * ws[None, :]
+    if HAS_LR:
+        # The rank-R up-projection in 16-bit MMA (R/K of the main loop's MACs), read once a tile:
+        # the branch's [M, N] product never goes through memory.
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lrm + offs_r[None, :], mask=mask_r[None, :], other=0.0)
+        lu = tl.load(lup_ptr + offs_r[:, None] * stride_lur + offs_n[None, :],
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if LR_IEEE:
+            y += tl.dot(lr.to(tl.float32), lu.to(tl.float32), input_precision="ieee")
+        else:
+            y += tl.dot(lr, lu)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -605,9 +627,11 @@ def _w4a8_gemv_kernel(
     # uint8 (progressive) or zero [N] int32 (per-channel)
     w_ptr, ws_ptr, gs_ptr, gz_ptr,
     b_ptr, y_ptr,  # bias [N] (optional), output [M, N]
-    M, N, K4,  # K4 = K / 4: activation words per row
-    stride_xm, stride_wn, stride_gn, stride_ym,  # stride_xm and stride_wn in words
+    lr_ptr, lup_ptr,  # low-rank branch (optional): X̂·L_down [M, R] and L_up [R, N], 16-bit
+    M, N, K4, R,  # K4 = K / 4: activation words per row
+    stride_xm, stride_wn, stride_gn, stride_ym, stride_lrm, stride_lur,  # stride_xm and stride_wn in words
     GROUP_SIZE: tl.constexpr, PROGRESSIVE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+    HAS_LR: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,  # tokens per program: a static loop, so each weight word is unpacked once
     BLOCK_N: tl.constexpr,  # weight rows per program
     UNROLL: tl.constexpr,  # 128-wide K chunks per loop iteration (16 words of each row per chunk)
@@ -740,6 +764,13 @@ def _w4a8_gemv_kernel(
     sx = tl.load(sx_ptr + rm)
     ws = tl.load(ws_ptr + rn)
     y = acc.to(tl.float32) * ws[:, None] * sx[None, :]
+    if HAS_LR:
+        # [rows, tokens] += L_up^T · (X̂L_down)^T on CUDA cores: a few tokens leave no MMA shape.
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lu = tl.load(lup_ptr + offs_r[None, :] * stride_lur + rn[:, None], mask=mask_r[None, :], other=0.0)
+        lr = tl.load(lr_ptr + rm[:, None] * stride_lrm + offs_r[None, :], mask=mask_r[None, :], other=0.0)
+        y += tl.sum(lu.to(tl.float32)[:, None, :] * lr.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn).to(tl.float32)[:, None]
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
@@ -872,7 +903,7 @@ def gemv_supported(x8: torch.Tensor, qweight: torch.Tensor, gscale: Optional[tor
 
 
 def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns, use_asm, pdl=False,
-                 s2_after=False):
+                 s2_after=False, lr=None, l_up=None):
     M, K = x8.shape
     N = qweight.shape[0]
     if x8.stride(0) % 4 or x8.storage_offset() % 4:
@@ -884,14 +915,30 @@ def _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, 
         x8.view(torch.int32), sx.reshape(-1), xsum.reshape(-1), qweight.view(torch.int32), wscale,
         gscale if progressive else gzero, gzero,
         bias if bias is not None else wscale, y,
-        M, N, K // 4,
+        *_lr_args(lr, l_up, wscale),
+        M, N, K // 4, lr.shape[1] if lr is not None else 0,
         x8.stride(0) // 4, qweight.stride(0) // 4, gscale.stride(0) if progressive else 0, y.stride(0),
+        *_lr_strides(lr, l_up),
         GROUP_SIZE=qweight.shape[1] * 2 // gscale.shape[1] if progressive else K_PAD, PROGRESSIVE=progressive,
-        HAS_BIAS=bias is not None, USE_ASM=use_asm, BLOCK_M=bm, BLOCK_N=bn, UNROLL=unroll, ROWS=min(bm, M),
+        HAS_BIAS=bias is not None, USE_ASM=use_asm, HAS_LR=lr is not None, BLOCK_R=_block_r(lr), BLOCK_M=bm, BLOCK_N=bn, UNROLL=unroll, ROWS=min(bm, M),
         EVEN_K=K % K_PAD == 0, PREFETCH=ns >= 2, USE_PDL=pdl, S2_AFTER=bool(s2_after),
         num_warps=nw, num_stages=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y
+
+
+def _lr_args(lr, l_up, placeholder):
+    """The branch's two pointers, or a placeholder tensor for both where there is no branch."""
+    return (lr, l_up) if lr is not None else (placeholder, placeholder)
+
+
+def _lr_strides(lr, l_up):
+    return (lr.stride(0), l_up.stride(0)) if lr is not None else (0, 0)
+
+
+def _block_r(lr) -> int:
+    """The rank padded to a power of two of at least 16 (the smallest MMA K)."""
+    return max(16, triton.next_power_of_2(lr.shape[1])) if lr is not None else 16
 
 
 # Split-K arrival counters, per device and stream: zeros, and every launch leaves them zero (the
@@ -928,10 +975,19 @@ def w4a8_gemm_triton(
     x8: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     gscale: Optional[torch.Tensor], gzero: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
     config: Optional[dict] = None, use_asm: Optional[bool] = None,
+    lr_act: Optional[torch.Tensor] = None, l_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     K = x8.shape[-1]
     lead = x8.shape[:-1]
     x8 = x8.reshape(-1, K)
+    lr = None
+    if lr_act is not None and lr_act.shape[-1] > 0:   # rank 0: no branch
+        lr = lr_act.reshape(-1, lr_act.shape[-1])
+        if lr.stride(-1) != 1:
+            lr = lr.contiguous()
+        l_up = l_up.to(lr.dtype)
+        if l_up.stride(-1) != 1:
+            l_up = l_up.contiguous()
     if x8.stride(-1) != 1:
         x8 = x8.contiguous()
     M = x8.shape[0]
@@ -958,7 +1014,7 @@ def w4a8_gemm_triton(
     if gemv and M > 0:
         y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
         return _launch_gemv(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, y, bm, bn, unroll, nw, ns,
-                            use_asm, pdl, s2_after).reshape(*lead, N)
+                            use_asm, pdl, s2_after, lr, l_up).reshape(*lead, N)
     y = torch.empty((M, N), dtype=out_dtype, device=x8.device)
     if M == 0:
         return y.reshape(*lead, N)
@@ -977,10 +1033,13 @@ def w4a8_gemm_triton(
     _w4a8_gemm_kernel[grid](
         x8, sx.reshape(-1), xsum.reshape(-1), qweight, wscale,
         gscale if progressive else gzero, gzero,
-        bias if bias is not None else wscale, y, parts, counts,
-        M, N, K,
-        x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0),
+        bias if bias is not None else wscale, y, *_lr_args(lr, l_up, wscale), parts, counts,
+        M, N, K, lr.shape[1] if lr is not None else 0,
+        x8.stride(0), qweight.stride(0), gscale.stride(0) if progressive else 0, y.stride(0), *_lr_strides(lr, l_up),
         GROUP_SIZE=group_size, PROGRESSIVE=progressive, HAS_BIAS=bias is not None, USE_ASM=use_asm,
+        HAS_LR=lr is not None, BLOCK_R=_block_r(lr),
+        # fp32 branch operands (fp32 models) and the interpreter: exact fp32 products, no TF32
+        LR_IEEE=lr is not None and (lr.dtype == torch.float32 or not on_gpu),
         EVEN_K=K % K_PAD == 0, WORD_SCALES_OK=word_ok, VEC_SCALES=bool(word_ok and vec), BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, SPLIT_K=split, SWAP=swap, UNROLL=unroll,
         USE_PDL=pdl, PREFETCH_SCALES=bool(prefetch_scales), num_warps=nw, num_stages=ns,
         **({"launch_pdl": True} if pdl else {}),
@@ -993,13 +1052,29 @@ def w4a8_gemm(
     x8: torch.Tensor, sx: torch.Tensor, xsum: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
     gscale: Optional[torch.Tensor], gzero: torch.Tensor, bias: Optional[torch.Tensor],
     out_dtype: torch.dtype, kernels: str = "auto",
+    lr_act: Optional[torch.Tensor] = None, l_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """y [..., N] = dequant(x8 [..., K]) @ dequant(W)^T + bias; `gscale` given -> progressive, else per-channel."""
+    """y [..., N] = dequant(x8 [..., K]) @ dequant(W)^T + lr_act·l_up + bias; `gscale` given -> progressive,
+    else per-channel. lr_act [..., r] = X̂·L_down and l_up [r, N]: SVDQuant's low-rank branch (recipe
+    w4a8-svd), added in the epilogue."""
+    _check_lowrank(x8, qweight, lr_act, l_up)
     if use_triton(x8, kernels):
-        return w4a8_gemm_triton(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype)
-    return w4a8_gemm_reference(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype)
+        return w4a8_gemm_triton(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype,
+                                lr_act=lr_act, l_up=l_up)
+    return w4a8_gemm_reference(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype, lr_act, l_up)
+
+
+def _check_lowrank(x8, qweight, lr_act, l_up) -> None:
+    if (lr_act is None) != (l_up is None):
+        raise ValueError("qoq.w4a8_gemm: lr_act and l_up go together (both or neither)")
+    if lr_act is not None and (lr_act.shape[:-1] != x8.shape[:-1] or l_up.dim() != 2
+                               or tuple(l_up.shape) != (lr_act.shape[-1], qweight.shape[0])):
+        raise ValueError(f"qoq.w4a8_gemm: low-rank shapes lr_act {tuple(lr_act.shape)}, l_up {tuple(l_up.shape)} "
+                         f"do not fit activations {tuple(x8.shape)} and {qweight.shape[0]} output channels; "
+                         "expected lr_act [..., r] with the activations' leading dims and l_up [r, N]")
 
 
 @w4a8_gemm.register_fake
-def _(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype, kernels="auto"):
+def _(x8, sx, xsum, qweight, wscale, gscale, gzero, bias, out_dtype, kernels="auto", lr_act=None, l_up=None):
+    _check_lowrank(x8, qweight, lr_act, l_up)
     return x8.new_empty((*x8.shape[:-1], qweight.shape[0]), dtype=out_dtype)

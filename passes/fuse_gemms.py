@@ -9,6 +9,8 @@ Exact: the packed weights, scales and zeros are per output row, so the fused GEM
 members' own outputs bit for bit (the kernels compute each output from its own row's data; a
 different tile or split-K configuration for the wider N can change float rounding order only).
 The members' biases are added after the slices (Inductor fuses the adds into their consumers).
+SVDQuant's W4A8 groups (recipe w4a8-svd) share X̂·L_down too: the fused GEMM's epilogue takes their
+L_up factors side by side, [r, N_q + N_k + N_v], so each column still gets its own layer's branch.
 
 Runs after the artifact record is taken: the record (and a saved artifact) keeps the per-layer
 tensors, and a replay fuses again. The record's tensors are re-pointed at slices of the fused
@@ -65,8 +67,13 @@ def _gemm_parts(gm: fx.GraphModule, node: fx.Node) -> Optional[dict]:
     q = tensors["qweight"]
     if any(t.shape[0] != q.shape[0] or t.device != q.device for t in tensors.values()):
         return None
+    # the low-rank epilogue (w4a8-svd): the shared X̂·L_down node and this layer's L_up [r, N]
+    lr = node.args[10] if len(node.args) > 10 else None
+    l_up = _const(gm, node.args[11]) if len(node.args) > 11 else None
+    if (lr is None) != (l_up is None) or (l_up is not None and (l_up.dim() != 2 or l_up.shape[1] != q.shape[0])):
+        return None
     return dict(node=node, quant=quant, items=items, tensors=tensors, getattrs=consts,
-                bias=node.args[7] if len(node.args) > 7 else None, rest=tuple(node.args[8:]))
+                bias=node.args[7] if len(node.args) > 7 else None, rest=tuple(node.args[8:10]), lr=lr, l_up=l_up)
 
 
 def _input_chain(gm: fx.GraphModule, x: Any) -> tuple[Any, list[tuple[Any, Any]]]:
@@ -104,7 +111,9 @@ def _same_input(gm: fx.GraphModule, a: dict, b: dict) -> bool:
 
 def _compatible(a: dict, b: dict) -> bool:
     ta, tb = a["tensors"], b["tensors"]
-    if ta.keys() != tb.keys() or a["rest"] != b["rest"]:
+    if ta.keys() != tb.keys() or a["rest"] != b["rest"] or a["lr"] is not b["lr"]:
+        return False
+    if a["l_up"] is not None and (a["l_up"].dtype != b["l_up"].dtype or a["l_up"].shape[0] != b["l_up"].shape[0]):
         return False
     return all(ta[r].dtype == tb[r].dtype and ta[r].shape[1:] == tb[r].shape[1:] for r in ta)
 
@@ -174,9 +183,13 @@ def fuse_gemms(qgraph: QGraph, record_tensors: Optional[dict[str, torch.Tensor]]
         stem = "fused." + "+".join(m["node"].name for m in group)
         consts = {r: qgraph.add_constant(f"{stem}.{r}", t, before=before) for r, t in fused.items()}
         x8, sx, xsum = first["items"]
+        lowrank = ()
+        if first["lr"] is not None:
+            fused_up = torch.cat([m["l_up"] for m in group], dim=1)
+            lowrank = (first["lr"], qgraph.add_constant(f"{stem}.l_up", fused_up, before=before))
         with graph.inserting_before(before):
             y = graph.call_function(_GEMM, (x8, sx, xsum, consts["qweight"], consts["wscale"], consts.get("gscale"),
-                                            consts["gzero"], None, *first["rest"]))
+                                            consts["gzero"], None, *first["rest"], *lowrank))
         y.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack")})
         start = 0
         cursor = y
@@ -198,8 +211,10 @@ def fuse_gemms(qgraph: QGraph, record_tensors: Optional[dict[str, torch.Tensor]]
                     user.target = "reshape"
             name = m["node"].name
             if record_tensors is not None:
-                for role, t in m["tensors"].items():
-                    view = fused[role][start:start + n_rows]
+                views = [(t, fused[role][start:start + n_rows]) for role, t in m["tensors"].items()]
+                if lowrank:
+                    views.append((m["l_up"], fused_up[:, start:start + n_rows]))
+                for t, view in views:
                     for key, value in record_tensors.items():
                         if value is t:
                             record_tensors[key] = view

@@ -482,7 +482,7 @@ def emit_w4a8_group(qgraph, group, smooth_inv: torch.Tensor, l_down: torch.Tenso
                     members: Sequence[tuple[dict, torch.Tensor]], kernels: str) -> None:
     """W4A8 residual + the low-rank branch, from finished tensors: x̂ = x·smooth_inv, one
     `qoq::quantize_act_int8` and one X̂·L_down shared by the group, then per linear the W4A8 GEMM
-    plus (X̂·L_down)·L_up as an aten matmul (`qoq::w4a8_gemm` has no low-rank epilogue yet).
+    with (X̂·L_down)·L_up added in its epilogue (the branch's [M, N] product never goes to memory).
 
     smooth_inv and l_down in the activation dtype; members[i] = (the QuantizedWeight's tensors
     {"qweight", "wscale", "gscale"?, "gzero"}, l_up [r, N_i]). Called by the pass and the replay."""
@@ -503,8 +503,7 @@ def emit_w4a8_group(qgraph, group, smooth_inv: torch.Tensor, l_down: torch.Tenso
             y = graph.call_function(
                 torch.ops.qoq.w4a8_gemm.default,
                 (x8, sx, xsum, consts["qweight"], consts["wscale"], consts.get("gscale"),
-                 consts["gzero"], m.bias, out_dtype_of(m.node, m.x), kernels))
-            y = graph.call_function(torch.add, (y, graph.call_function(torch.matmul, (lr, c_u))))
+                 consts["gzero"], m.bias, out_dtype_of(m.node, m.x), kernels, lr, c_u))
         _replace(qgraph, m, y)
 
 
@@ -686,7 +685,7 @@ def layer_records(decisions: list[SVDQuantDecision], shapes: dict[str, tuple[int
                     format=("w4a4_g64" if w4a4 else f"w4a8_g{opts.w4a8_group_size}") + "+lowrank",
                     group_size=64 if w4a4 else opts.w4a8_group_size,
                     kernel=(f"qoq.w4a4_quantize_act + qoq.w4a4_gemm ({opts.kernels})" if w4a4 else
-                            f"qoq.quantize_act_int8 + qoq.w4a8_gemm + aten branch ({opts.kernels})"),
+                            f"qoq.quantize_act_int8 + qoq.w4a8_gemm, low-rank epilogue ({opts.kernels})"),
                     sqnr_db=sqnr(d.result.error),
                     details={**d.details, "group": d.fqns,
                              "sqnr_rtn_db": sqnr(d.result.error_rtn)}))

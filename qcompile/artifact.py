@@ -111,18 +111,14 @@ def _source_of(node: Any, op) -> Optional[fx.Node]:
     return None
 
 
-def _lowrank_branch(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node]]:
-    """For a w4a8-svd GEMM: (add, X̂·L_down matmul, L_up constant node) when the GEMM's only use is
-    `y + (X̂·L_down)·L_up` as `passes.lowrank.emit_w4a8_group` builds it, else None."""
-    if len(y.users) != 1:
+def _lowrank_branch(y: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:
+    """For a w4a8-svd GEMM: (X̂·L_down matmul, L_up constant node), the low-rank epilogue arguments
+    `passes.lowrank.emit_w4a8_group` gives it, else None (a plain W4A8 GEMM)."""
+    lr = y.args[10] if len(y.args) > 10 else y.kwargs.get("lr_act")
+    l_up = y.args[11] if len(y.args) > 11 else y.kwargs.get("l_up")
+    if not (isinstance(lr, fx.Node) and lr.target is torch.matmul and isinstance(l_up, fx.Node)):
         return None
-    add = next(iter(y.users))
-    if add.target is not torch.add or add.args[0] is not y or not isinstance(add.args[1], fx.Node):
-        return None
-    up = add.args[1]
-    if up.target is not torch.matmul or not isinstance(up.args[0], fx.Node) or up.args[0].target is not torch.matmul:
-        return None
-    return add, up.args[0], up.args[1]
+    return lr, l_up
 
 
 def _record_w4a4(rec: _Recorder, node: fx.Node, data: ArtifactData) -> None:
@@ -157,9 +153,9 @@ def _record_shared(rec: _Recorder, quant: fx.Node, fqn: str, op: str, positions:
 
 
 def _record_w4a8_lowrank(rec: _Recorder, node: fx.Node, quant: fx.Node, branch, data: ArtifactData) -> bool:
-    """A w4a8-svd member: x̂ = mul(x, smooth_inv) -> quantize_act_int8 -> w4a8_gemm, plus
-    matmul(matmul(x̂, l_down), l_up) added. False when `node` is not one (a plain W4A8 layer)."""
-    add, down, up_node = branch
+    """A w4a8-svd member: x̂ = mul(x, smooth_inv) -> quantize_act_int8 -> w4a8_gemm, whose epilogue
+    adds matmul(x̂, l_down)·l_up. False when `node` is not one (a plain W4A8 layer)."""
+    down, up_node = branch
     xs = quant.args[0]
     if not (isinstance(xs, fx.Node) and xs.target is torch.mul and down.args[0] is xs):
         return False

@@ -104,6 +104,45 @@ def test_kernel_variants_are_bit_exact(cfg, fmt, group, device):
     assert torch.equal(got, w4a8_gemm_reference(*args))
 
 
+# The low-rank epilogue (recipe w4a8-svd) on every kernel shape: tensor-core tiles, split-K (the
+# last split adds the branch), SWAP, and the GEMV kernel's CUDA-core sum.
+LOWRANK_VARIANTS = [VARIANTS[0], VARIANTS[1], VARIANTS[3], VARIANTS[4], VARIANTS[10], VARIANTS[11], VARIANTS[12]]
+
+
+@pytest.mark.parametrize("cfg", LOWRANK_VARIANTS)
+@given(m=st.integers(1, 9), n=st.integers(1, 40), rank=st.integers(1, 40), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_lowrank_epilogue_matches_reference(cfg, m, n, rank, bias, dtype, seed, device):
+    qw, x8, g = _random_case(m, n, 256, "progressive", 128, seed, device)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    sx = (torch.rand(m, generator=g) / 64).to(device)
+    lr = torch.randn((m, rank), generator=g).to(dtype).to(device)
+    l_up = torch.randn((rank, n), generator=g).to(dtype).to(device)
+    b = torch.randn(n, generator=g).to(device) if bias else None
+    args = (x8, sx, xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, b, torch.float32)
+    got = w4a8_gemm_triton(*args, config=dict(dict(GROUP_M=1, num_warps=4, num_stages=2), **cfg),
+                           lr_act=lr, l_up=l_up)
+    want = w4a8_gemm_reference(*args, lr_act=lr, l_up=l_up)
+    # fp32 sums of the same exact products in another order: rounding-level differences only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-6)
+    # and the branch is really in it: without it the output moves by lr·l_up
+    plain = w4a8_gemm_triton(*args, config=dict(dict(GROUP_M=1, num_warps=4, num_stages=2), **cfg))
+    branch = lr.float() @ l_up.float()
+    torch.testing.assert_close(got - plain, branch, rtol=1e-4, atol=1e-4 * float(got.abs().max()) + 1e-5)
+
+
+def test_lowrank_op_checks_shapes_and_rank_zero_is_no_branch(device):
+    qw, x8, _ = _random_case(3, 8, 128, "per_channel", -1, 1, device)
+    xsum = x8.sum(-1, dtype=torch.int32)
+    args = (x8, torch.ones(3, device=device), xsum, qw.qweight, qw.wscale, qw.gscale, qw.gzero, None, torch.float32)
+    with pytest.raises(ValueError, match="l_up \\(4, 7\\)"):
+        w4a8_gemm(*args, "reference", torch.zeros(3, 4, device=device), torch.zeros(4, 7, device=device))
+    with pytest.raises(ValueError, match="both or neither"):
+        w4a8_gemm(*args, "reference", torch.zeros(3, 4, device=device), None)
+    empty = (torch.zeros(3, 0, device=device), torch.zeros(0, 8, device=device))
+    assert torch.equal(w4a8_gemm_triton(*args, lr_act=empty[0], l_up=empty[1]), w4a8_gemm_triton(*args))
+
+
 @pytest.mark.parametrize("fmt,group", [("progressive", 128), ("progressive", 64), ("progressive", 256), ("per_channel", -1)])
 @given(
     m=st.integers(1, 17), n=st.integers(1, 40), k_words=st.integers(1, 100), block_m=st.sampled_from([1, 2, 4, 8, 16]),
