@@ -273,6 +273,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["bf16", "qoq"])
     p.add_argument("--recipe", default="svdquant")
+    p.add_argument("--options", default="{}", help='more qoq options as JSON, e.g. \'{"weight_group_size": -1}\'')
     p.add_argument("--image-tokens", type=int, default=4096)
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
@@ -327,7 +328,7 @@ def main() -> None:
     inputs = make_inputs(model, a.image_tokens, a.text_tokens, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "image_tokens": a.image_tokens, "text_tokens": a.text_tokens,
-            "mode": a.mode, "recipe": a.recipe, "search": a.search, "gemm_configs": a.gemm_configs, "params": sum(p.numel() for p in model.parameters())}
+            "mode": a.mode, "recipe": a.recipe, "options": json.loads(a.options), "search": a.search, "gemm_configs": a.gemm_configs, "params": sum(p.numel() for p in model.parameters())}
     print(info, flush=True)
     results = []
     bf16_bytes = weight_bytes(model)
@@ -348,7 +349,7 @@ def main() -> None:
                 if device == "cuda":
                     row["weights_GiB"] = round((model_bytes + allocated(device) - before) / GiB, 3)
             elif method == "qoq":
-                opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode}
+                opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode, **json.loads(a.options)}
                 if a.smoke:
                     opts.update(inductor=False, kernels="reference", mode="default")
                 before = allocated(device)

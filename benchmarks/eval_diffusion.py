@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from flux_transformer import compile_variant, make_inputs, psnr_cosine  # noqa: E402
 
-VARIANTS = ("rtn-w4a4", "svdquant", "w4a8-svd")
+VARIANTS = ("rtn-w4a4", "svdquant", "w4a8-svd", "w4a8-svd-chn")
 
 
 @torch.no_grad()

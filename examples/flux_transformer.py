@@ -18,6 +18,9 @@ VARIANTS = {
     "rtn-w4a4": dict(rank=0, alphas=(0.0,), betas=(0.0,), max_iters=0),
     "svdquant": dict(rank=32),
     "w4a8-svd": dict(rank=32, residual="w4a8"),
+    # = options {"recipe": "w4a8-svd", "weight_group_size": -1}: per-channel W4 (the faster W4A8
+    # GEMM at large M on Hopper), AdaLN per channel too
+    "w4a8-svd-chn": dict(rank=32, residual="w4a8", w4a8_group_size=-1, adaln_group_size=-1),
 }
 RECIPE_OF = {"svdquant": "svdquant", "w4a8-svd": "w4a8-svd"}
 # A smaller smoothing grid and fewer refits: minutes instead of tens of minutes on a CPU.
