@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 
 import torch
 
@@ -112,7 +113,18 @@ KINDS = (("_w4a4_gemm", "w4a4 gemm"), ("_w4a8_gemm", "w4a8 gemm"), ("_w4a8_gemv"
          ("_quantize_act_kernel", "w4a4 act quant (+L_down)"), ("_quantize_act_int8", "int8 act quant"),
          ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
          ("nvjet", "cuBLAS matmul"), ("cutlass", "cuBLAS matmul"), ("gemm", "cuBLAS matmul"),
-         ("gemv", "cuBLAS matmul"), ("triton_", "Inductor (norms, RoPE, GELU, residuals)"))
+         ("gemv", "cuBLAS matmul"))
+
+
+def kernel_kind(name: str) -> str:
+    """The KINDS entry of a kernel name. Inductor's kernels come first: their names list the ops
+    fused into them ("..._quantize_act_int8_w4a8_gemm_21", "..._scaled_dot_product_cudnn_attention_..."),
+    which would otherwise read as our GEMM or as attention."""
+    if name.startswith("triton_"):
+        if "quantize_act_int8" in name:
+            return "Inductor, int8 act quant fused in"
+        return "Inductor (norms, RoPE, GELU, residuals)"
+    return next((k for frag, k in KINDS if frag in name), "other")
 
 
 def profile_step(fn, inputs: dict) -> dict:
@@ -128,7 +140,7 @@ def profile_step(fn, inputs: dict) -> dict:
     by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     for e in kernels:
-        kind = next((k for frag, k in KINDS if frag in e.name), "other")
+        kind = kernel_kind(e.name)
         by_kind[kind] += e.time_range.elapsed_us() / 1e3
         by_name[e.name[:90]] += e.time_range.elapsed_us() / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
@@ -158,17 +170,23 @@ def allocated(device: str) -> int:
 
 class _ConstantTally:
     """Records every constant the passes attach to a graph (packed weights, scales, low-rank
-    factors, smoothing, shifted biases, dequantized overrides), with the stem naming its layer."""
+    factors, smoothing, shifted biases, dequantized overrides), with the stem naming its layer.
+
+    Holds weak references: a later pass may drop a constant (fuse_gemms concatenates a group's
+    tensors into one buffer and erases the parts), and a strong reference here would keep it
+    alive and count it, in the byte count and in the GPU's allocated memory alike."""
 
     def __enter__(self):
         from qcompile.capture import QGraph
 
-        self.items: list[tuple[str, torch.Tensor]] = []
+        self._refs: list[tuple[str, weakref.ref]] = []
+        self.attached = 0  # bytes of every constant ever attached, dropped ones included
         self._orig = QGraph.add_constant
         tally = self
 
         def add_constant(qgraph, stem, value, before):
-            tally.items.append((stem, value))
+            tally._refs.append((stem, weakref.ref(value)))
+            tally.attached += value.numel() * value.element_size()
             return tally._orig(qgraph, stem, value, before)
 
         QGraph.add_constant = add_constant
@@ -178,6 +196,12 @@ class _ConstantTally:
         from qcompile.capture import QGraph
 
         QGraph.add_constant = self._orig
+
+    @property
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        """The attached constants still alive (held by a compiled graph or a replay record)."""
+        gc.collect()
+        return [(stem, t) for stem, ref in self._refs if (t := ref()) is not None]
 
 
 def _block_of(name: str) -> str:
@@ -214,7 +238,7 @@ def weight_memory(a) -> dict:
     torch._dynamo.reset()
     with _ConstantTally() as tally, torch.no_grad():
         fn = torch.compile(model, backend="qoq", options={
-            "recipe": a.recipe, "kernels": "reference", "inductor": False})
+            "recipe": a.recipe, "kernels": "reference", "inductor": False, **json.loads(a.options)})
         fn(**inputs)
     q = dict(fp)
     replaced = set()
@@ -307,7 +331,7 @@ def main() -> None:
     if a.search == "fast":
         use_fast_search()
     if a.memory:
-        info = {"recipe": a.recipe, "search": a.search, "torch": torch.__version__,
+        info = {"recipe": a.recipe, "options": json.loads(a.options), "search": a.search, "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d"), "dims": FLUX_DEV}
         mem = weight_memory(a)
         print(json.dumps(mem, indent=1))
