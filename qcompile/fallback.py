@@ -37,13 +37,21 @@ def inductor_compile(gm: fx.GraphModule, example_inputs: list, mode: str = "defa
     from torch._inductor.virtualized import V
     from torch.compiler import config as compiler_config
 
-    rule = f"qoq-persistent-{persistent_numel}" if persistent_numel is not None else ""
+    rule = f"qoq-persistent-{persistent_numel}-rows{PERSISTENT_MAX_ROWS}" if persistent_numel is not None else ""
     tag = ":".join(t for t in (compiler_config.cache_key_tag, qoq_schema_tag(gm), rule) if t)
     with contextlib.ExitStack() as stack:
         stack.enter_context(compiler_config.patch(cache_key_tag=tag))
         if persistent_numel is not None:
             stack.enter_context(V.set_choices_handler(persistent_reduction_choices(persistent_numel)))
         return compile_fx(gm, example_inputs, config_patches={**list_mode_options(mode), **dict(patches)})
+
+
+# Row counts above which the long-row rule below defers to Inductor's own.
+PERSISTENT_MAX_ROWS = 1024
+
+
+def _is_number(n) -> bool:
+    return isinstance(n, int) or getattr(n, "is_number", False)
 
 
 def persistent_reduction_choices(limit: int):
@@ -55,6 +63,11 @@ def persistent_reduction_choices(limit: int):
     to a few rows split_reductions spreads the sums over two or three kernels. Measured on an H200
     (Llama-3-8B shapes, BENCHMARKS.md, seventh session): add + RMSNorm + int8 quantization 4.1 -> 2.8
     us and SiLU·mul + quantization 7.2 -> 5.2 us a layer at batch 1, three kernels a layer fewer.
+
+    Only for at most PERSISTENT_MAX_ROWS rows (or a symbolic row count: a decode graph compiled for
+    any batch): with thousands of rows (a diffusion transformer's 4096 image tokens) there are
+    programs enough without it, and a one-row program holding a 12288-15360-wide row ran 2.6-2.9x
+    slower than its bytes (H100, BENCHMARKS.md, "`w4a8-svd` end to end").
     """
     from torch._inductor.choices import InductorChoices
 
@@ -66,7 +79,8 @@ def persistent_reduction_choices(limit: int):
             numel = features.reduction_numel
             if (config.triton.persistent_reductions and not cooperative_reduction
                     and features.get_reduction_hint() == ReductionHint.INNER
-                    and (isinstance(numel, int) or getattr(numel, "is_number", False)) and int(numel) <= limit):
+                    and _is_number(numel) and int(numel) <= limit
+                    and not (_is_number(features.numel) and int(features.numel) > PERSISTENT_MAX_ROWS)):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 

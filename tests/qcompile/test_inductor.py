@@ -4,6 +4,7 @@ advances; a new batch size recompiles at most once; CUDA graphs (reduce-overhead
 from __future__ import annotations
 
 import pytest
+import sympy
 import torch
 
 import qcompile.backend as qb
@@ -257,10 +258,14 @@ def test_persistent_reduction_numel_option_sets_inductors_choices(monkeypatch):
     monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
                         staticmethod(lambda features, cooperative: features.reduction_numel <= 1024))
     choices = persistent_reduction_choices(16384)
-    row = lambda n, hint=ReductionHint.INNER: SimpleNamespace(  # noqa: E731
-        reduction_numel=n, get_reduction_hint=lambda: hint)
+    row = lambda n, hint=ReductionHint.INNER, rows=16: SimpleNamespace(  # noqa: E731
+        reduction_numel=n, get_reduction_hint=lambda: hint, numel=rows)
     assert choices.should_use_persistent_reduction(row(4096), False)
     assert choices.should_use_persistent_reduction(row(14336), False)
+    assert choices.should_use_persistent_reduction(row(14336, rows=sympy.Symbol("s0")), False)  # any batch
+    assert choices.should_use_persistent_reduction(row(14336, rows=1024), False)
+    assert not choices.should_use_persistent_reduction(row(14336, rows=4096), False)  # Inductor's answer
+    assert choices.should_use_persistent_reduction(row(512, rows=4096), False)  # Inductor's answer
     assert choices.should_use_persistent_reduction(row(512, ReductionHint.OUTER), False)  # Inductor's answer
     assert not choices.should_use_persistent_reduction(row(32768), False)
     assert not choices.should_use_persistent_reduction(row(4096), True)  # cooperative: Inductor's rule
