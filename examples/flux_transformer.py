@@ -17,9 +17,10 @@ import torch
 VARIANTS = {
     "rtn-w4a4": dict(rank=0, alphas=(0.0,), betas=(0.0,), max_iters=0),
     "svdquant": dict(rank=32),
+    # = options {"recipe": "w4a8-svd", "weight_group_size": 128}: progressive g128 W4, AdaLN g64
     "w4a8-svd": dict(rank=32, residual="w4a8"),
-    # = options {"recipe": "w4a8-svd", "weight_group_size": -1}: per-channel W4 (the faster W4A8
-    # GEMM at large M on Hopper), AdaLN per channel too
+    # = recipe "w4a8-svd" as it is by default: per-channel W4 (the faster W4A8 GEMM at large M on
+    # Hopper), AdaLN per channel too
     "w4a8-svd-chn": dict(rank=32, residual="w4a8", w4a8_group_size=-1, adaln_group_size=-1),
 }
 RECIPE_OF = {"svdquant": "svdquant", "w4a8-svd": "w4a8-svd"}

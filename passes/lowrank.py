@@ -38,6 +38,13 @@ RANDOMIZED_SVD_ABOVE = 1 << 22
 # The formats' fake quantization: what the kernels will compute, in float, for error scoring.
 # --------------------------------------------------------------------------------------------
 
+def _lowrank_format(w4a4: bool, w4a8_group_size: int) -> str:
+    """The report's format name of a linear with the low-rank branch ("w4a8_per_channel+lowrank")."""
+    if w4a4:
+        return "w4a4_g64+lowrank"
+    return ("w4a8_per_channel" if w4a8_group_size == -1 else f"w4a8_g{w4a8_group_size}") + "+lowrank"
+
+
 def fake_quant_w4a4_weight(w: torch.Tensor) -> torch.Tensor:
     """W [N, K] -> the W4A4 weight (int4 g64, fp16 scales) the GEMM multiplies by, fp32 [N, K]."""
     packed, scale = quantize_weight(w)
@@ -682,7 +689,7 @@ def layer_records(decisions: list[SVDQuantDecision], shapes: dict[str, tuple[int
                 w4a4 = opts.residual == "w4a4"
                 out.append(LayerRecord(
                     name=fqn, kind="linear", shape=shape, quantized=True,
-                    format=("w4a4_g64" if w4a4 else f"w4a8_g{opts.w4a8_group_size}") + "+lowrank",
+                    format=_lowrank_format(w4a4, opts.w4a8_group_size),
                     group_size=64 if w4a4 else opts.w4a8_group_size,
                     kernel=(f"qoq.w4a4_quantize_act + qoq.w4a4_gemm ({opts.kernels})" if w4a4 else
                             f"qoq.quantize_act_int8 + qoq.w4a8_gemm, low-rank epilogue ({opts.kernels})"),

@@ -82,9 +82,11 @@ RECIPES: dict[str, dict[str, Any]] = {
                 kv_bits=4),
     # Per-channel weights: reorder has no groups to fill; GPTQ was not measured with this format yet.
     "qoq-chn": dict(weight_group_size=-1, smooth=True, clip_search=True, rotate_kv=True, kv_bits=4),
-    # SVDQuant (passes/lowrank.py): W4A4 g64 + rank-32 branch, and W4A8 g128 + the same branch.
+    # SVDQuant (passes/lowrank.py): W4A4 g64 + rank-32 branch, and W4A8 + the same branch with
+    # per-channel weights: on the small Flux model 49.4 dB against 48.9 for g128, and 1.36-1.66x
+    # cuBLAS bf16 per GEMM at M = 4096 on the H100 against 1.09-1.19x (ACCURACY.md, BENCHMARKS.md).
     "svdquant": dict(act_bits=4, weight_group_size=64),
-    "w4a8-svd": dict(weight_group_size=128),
+    "w4a8-svd": dict(weight_group_size=-1),
 }
 PLANNED_RECIPES: dict[str, str] = {}
 # What `torch.compile(model, backend="qoq")` does with no recipe. (A bare QoQConfig() is plain
