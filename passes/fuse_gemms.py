@@ -13,8 +13,8 @@ SVDQuant's W4A8 groups (recipe w4a8-svd) share X̂·L_down too: the fused GEMM's
 L_up factors side by side, [r, N_q + N_k + N_v], so each column still gets its own layer's branch.
 
 Runs after the artifact record is taken: the record (and a saved artifact) keeps the per-layer
-tensors, and a replay fuses again. The record's tensors are re-pointed at slices of the fused
-buffers, so no byte is held twice; a replayed graph whose members are already adjacent slices of
+tensors, and a replay fuses again. The record's tensors, and those of the quantization cache
+(passes/quantize.py), are re-pointed at slices of the fused buffers, so no byte is held twice; a replayed graph whose members are already adjacent slices of
 one buffer fuses them as a view of it, without copying.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 import lowering  # noqa: F401  (registers torch.ops.qoq.*)
+from passes.quantize import repoint_cached
 from qcompile.artifact import GEMM_ROLES, INPUT_OPS
 from qcompile.capture import QGraph
 
@@ -210,8 +211,9 @@ def fuse_gemms(qgraph: QGraph, record_tensors: Optional[dict[str, torch.Tensor]]
                 if user.op == "call_method" and user.target == "view":
                     user.target = "reshape"
             name = m["node"].name
+            views = [(t, fused[role][start:start + n_rows]) for role, t in m["tensors"].items()]
+            repoint_cached({id(t): view for t, view in views})
             if record_tensors is not None:
-                views = [(t, fused[role][start:start + n_rows]) for role, t in m["tensors"].items()]
                 if lowrank:
                     views.append((m["l_up"], fused_up[:, start:start + n_rows]))
                 for t, view in views:

@@ -84,6 +84,21 @@ class LayerDecision:
 _CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def repoint_cached(replacements: dict[int, torch.Tensor]) -> None:
+    """Make the cached QuantizedWeights read new tensors: `replacements` maps id(old tensor) -> new.
+
+    fuse_gemms concatenates a group's packed weights and scales into one buffer and hands the
+    graph views of it; a cache entry still holding the per-layer tensors would keep a second copy
+    of those weights alive for as long as the FP parameter object lives (after its storage is
+    released, too)."""
+    for per_param in list(_CACHE.values()):
+        for qw in per_param.values():
+            for name in ("qweight", "wscale", "gscale", "gzero"):
+                new = replacements.get(id(getattr(qw, name)))
+                if new is not None:
+                    setattr(qw, name, new)
+
+
 def _format_key(config: QoQConfig, transposed: bool) -> tuple:
     return (config.weight_format, config.weight_group_size, config.protective_range, transposed)
 

@@ -1,6 +1,9 @@
 """Horizontal W4A8 GEMM fusion: same numbers as the separate GEMMs, fewer launches, artifacts unchanged."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -74,6 +77,34 @@ def test_record_points_into_the_fused_buffers_and_the_artifact_replays_bit_ident
         compiled, got = _run(make_model("llama"), {"artifact": str(tmp_path / "a"), "fuse_gemms": fuse})
         assert torch.equal(got, want)
         assert qcompile.report(compiled).graphs[0].qoq_ops["qoq.w4a8_gemm"] == (8 if fuse else 14)
+
+
+@pytest.mark.parametrize("recipe", ["w4a8-g128", "w4a8-svd"])
+def test_the_per_layer_tensors_a_fusion_replaces_are_freed(monkeypatch, recipe):
+    """Once a group is fused, the graph holds the fused buffers and nothing keeps the per-layer
+    packed weights, scales or L_up it concatenated alive (neither the record nor the pass): the
+    weights take their packed size once, not twice."""
+    from qcompile.capture import QGraph
+
+    refs, modules = [], []
+    add_constant, fuse = QGraph.add_constant, fg.fuse_gemms
+
+    def recording_add_constant(qgraph, stem, value, before):
+        refs.append(weakref.ref(value))
+        return add_constant(qgraph, stem, value, before)
+
+    def spy(qgraph, record_tensors=None):
+        modules.append(qgraph.gm)  # not the QGraph: it lives as long as the compile, not the graph
+        return fuse(qgraph, record_tensors)
+
+    monkeypatch.setattr(QGraph, "add_constant", recording_add_constant)
+    monkeypatch.setattr(fg, "fuse_gemms", spy)
+    compiled, _ = _run(make_model("qwen2"), {"recipe": recipe})
+    gc.collect()
+    held = {id(t) for t in modules[0].buffers()}
+    alive = [t for t in (r() for r in refs) if t is not None]
+    assert len(alive) < len(refs)  # the fusion dropped the groups' per-layer constants...
+    assert all(id(t) in held for t in alive)  # ...and every constant still alive is one the graph reads
 
 
 @settings(max_examples=30, deadline=None)
