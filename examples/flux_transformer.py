@@ -17,13 +17,14 @@ import torch
 VARIANTS = {
     "rtn-w4a4": dict(rank=0, alphas=(0.0,), betas=(0.0,), max_iters=0),
     "svdquant": dict(rank=32),
-    # = options {"recipe": "w4a8-svd", "weight_group_size": 128}: progressive g128 W4, AdaLN g64
+    # progressive g128 W4 (with the full search: options {"recipe": "w4a8-svd", "weight_group_size": 128})
     "w4a8-svd": dict(rank=32, residual="w4a8"),
     # = recipe "w4a8-svd" as it is by default: per-channel W4 (the faster W4A8 GEMM at large M on
     # Hopper), AdaLN per channel too
     "w4a8-svd-chn": dict(rank=32, residual="w4a8", w4a8_group_size=-1, adaln_group_size=-1),
 }
-RECIPE_OF = {"svdquant": "svdquant", "w4a8-svd": "w4a8-svd"}
+# Variant -> the backend options that give it (the recipe w4a8-svd is per-channel by default).
+RECIPE_OF = {"svdquant": {"recipe": "svdquant"}, "w4a8-svd": {"recipe": "w4a8-svd", "weight_group_size": 128}}
 # A smaller smoothing grid and fewer refits: minutes instead of tens of minutes on a CPU.
 SMALL_SEARCH = dict(alphas=(0.0, 0.5), betas=(0.0, 0.25), max_iters=3)
 
@@ -97,7 +98,7 @@ def compile_variant(model, name: str, kernels: str, small_search: bool = False,
     recipe = RECIPE_OF.get(name)
     if recipe is not None and not small_search:
         try:
-            options = {"recipe": recipe, "kernels": kernels, "inductor": inductor}
+            options = {**recipe, "kernels": kernels, "inductor": inductor}
             make_config(options)
             if adaln is not None:
                 _set_adaln(adaln)
