@@ -17,14 +17,15 @@ import torch
 VARIANTS = {
     "rtn-w4a4": dict(rank=0, alphas=(0.0,), betas=(0.0,), max_iters=0),
     "svdquant": dict(rank=32),
-    # progressive g128 W4 (with the full search: options {"recipe": "w4a8-svd", "weight_group_size": 128})
+    # progressive g128 W4 (with the full search: the recipe with weight_group_size 128)
     "w4a8-svd": dict(rank=32, residual="w4a8"),
     # = recipe "w4a8-svd" as it is by default: per-channel W4 (the faster W4A8 GEMM at large M on
     # Hopper), AdaLN per channel too
     "w4a8-svd-chn": dict(rank=32, residual="w4a8", w4a8_group_size=-1, adaln_group_size=-1),
 }
 # Variant -> the backend options that give it (the recipe w4a8-svd is per-channel by default).
-RECIPE_OF = {"svdquant": {"recipe": "svdquant"}, "w4a8-svd": {"recipe": "w4a8-svd", "weight_group_size": 128}}
+RECIPE_OF = {"svdquant": {"recipe": "svdquant"},
+             "w4a8-svd": {"recipe": "w4a8-svd", "weight_group_size": 128}}
 # A smaller smoothing grid and fewer refits: minutes instead of tens of minutes on a CPU.
 SMALL_SEARCH = dict(alphas=(0.0, 0.5), betas=(0.0, 0.25), max_iters=3)
 

@@ -14,8 +14,9 @@ L_up factors side by side, [r, N_q + N_k + N_v], so each column still gets its o
 
 Runs after the artifact record is taken: the record (and a saved artifact) keeps the per-layer
 tensors, and a replay fuses again. The record's tensors, and those of the quantization cache
-(passes/quantize.py), are re-pointed at slices of the fused buffers, so no byte is held twice; a replayed graph whose members are already adjacent slices of
-one buffer fuses them as a view of it, without copying.
+(passes/quantize.py), are re-pointed at slices of the fused buffers, so no byte is held twice; a
+replayed graph whose members are already adjacent slices of one buffer fuses them as a view of it,
+without copying.
 """
 from __future__ import annotations
 
