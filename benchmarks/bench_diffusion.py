@@ -180,13 +180,11 @@ class _ConstantTally:
         from qcompile.capture import QGraph
 
         self._refs: list[tuple[str, weakref.ref]] = []
-        self.attached = 0  # bytes of every constant ever attached, dropped ones included
         self._orig = QGraph.add_constant
         tally = self
 
         def add_constant(qgraph, stem, value, before):
             tally._refs.append((stem, weakref.ref(value)))
-            tally.attached += value.numel() * value.element_size()
             return tally._orig(qgraph, stem, value, before)
 
         QGraph.add_constant = add_constant
@@ -238,7 +236,7 @@ def weight_memory(a) -> dict:
     torch._dynamo.reset()
     with _ConstantTally() as tally, torch.no_grad():
         fn = torch.compile(model, backend="qoq", options={
-            "recipe": a.recipe, "kernels": "reference", "inductor": False, **json.loads(a.options)})
+            "recipe": a.recipe, "kernels": "reference", "inductor": False, **a.options})
         fn(**inputs)
     q = dict(fp)
     replaced = set()
@@ -297,7 +295,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", default=["bf16", "qoq"])
     p.add_argument("--recipe", default="svdquant")
-    p.add_argument("--options", default="{}", help='more qoq options as JSON, e.g. \'{"weight_group_size": -1}\'')
+    p.add_argument("--options", type=json.loads, default="{}", help='more qoq options as JSON, e.g. \'{"weight_group_size": -1}\'')
     p.add_argument("--image-tokens", type=int, default=4096)
     p.add_argument("--text-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=10)
@@ -331,7 +329,7 @@ def main() -> None:
     if a.search == "fast":
         use_fast_search()
     if a.memory:
-        info = {"recipe": a.recipe, "options": json.loads(a.options), "search": a.search, "torch": torch.__version__,
+        info = {"recipe": a.recipe, "options": a.options, "search": a.search, "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d"), "dims": FLUX_DEV}
         mem = weight_memory(a)
         print(json.dumps(mem, indent=1))
@@ -352,7 +350,7 @@ def main() -> None:
     inputs = make_inputs(model, a.image_tokens, a.text_tokens, device, dtype)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "image_tokens": a.image_tokens, "text_tokens": a.text_tokens,
-            "mode": a.mode, "recipe": a.recipe, "options": json.loads(a.options), "search": a.search, "gemm_configs": a.gemm_configs, "params": sum(p.numel() for p in model.parameters())}
+            "mode": a.mode, "recipe": a.recipe, "options": a.options, "search": a.search, "gemm_configs": a.gemm_configs, "params": sum(p.numel() for p in model.parameters())}
     print(info, flush=True)
     results = []
     bf16_bytes = weight_bytes(model)
@@ -373,7 +371,7 @@ def main() -> None:
                 if device == "cuda":
                     row["weights_GiB"] = round((model_bytes + allocated(device) - before) / GiB, 3)
             elif method == "qoq":
-                opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode, **json.loads(a.options)}
+                opts = {"recipe": a.recipe, "release_fp_weights": True, "mode": a.mode, **a.options}
                 if a.smoke:
                     opts.update(inductor=False, kernels="reference", mode="default")
                 before = allocated(device)
